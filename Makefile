@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   start djinnd on the embedded tiny-llama and run exp3 (in the console when there is a terminal)
+#   make test  run the whole test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TORCH  ?= torch==2.13.0
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+.PHONY: install run test bench
+install: $(STAMP)
+
+run: $(STAMP)
+	@$(VENV)/bin/djinnd status >/dev/null 2>&1 || $(VENV)/bin/djinnd start --detach
+	@if [ -t 1 ]; then $(VENV)/bin/djinn-console --launch exp3; \
+	 else $(VENV)/bin/djinn scenario run exp3 --headless; fi
+	@echo "djinnd keeps running: '$(VENV)/bin/djinnd stop' stops it."
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/rpc.py
+	$(PY) bench/swap.py

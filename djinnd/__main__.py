@@ -1,0 +1,3 @@
+from .cli_daemon import main
+
+main()

@@ -1,0 +1,199 @@
+"""`djinn`: the command-line client (status, sessions, scenarios, logs)."""
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from .client import Client, DjinnError
+from .sizes import format_size
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="djinn: talk to djinnd.")
+session_app = typer.Typer(no_args_is_help=True, help="Create, step, pause, inspect, patch, resume and close sessions.")
+logs_app = typer.Typer(no_args_is_help=True, help="Export or follow the event log.")
+app.add_typer(session_app, name="session")
+app.add_typer(logs_app, name="logs")
+
+SocketOpt = typer.Option(None, "--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)")
+JsonOpt = typer.Option(False, "--json", help="print JSON")
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"djinn: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _call(socket, method, **params):
+    try:
+        with Client(socket) as c:
+            return c.call(method, **params)
+    except DjinnError as e:
+        fail(str(e), 2 if e.code == "no_daemon" else 1)
+
+
+def print_status(socket, as_json: bool) -> None:
+    st = _call(socket, "status")
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    m, sw, mdl = st["memory"], st["swap"], st["model"]
+    lines = [
+        f"djinnd {st['version']}  pid {st['pid']}  up {st['uptime_s']:.0f} s",
+        f"socket   {st['socket']}",
+        f"device   {st['device']['kind']} ({st['device']['name']}, {st['device']['dtype']})",
+        f"model    {mdl['name']}: {mdl['num_layers']} layers, {format_size(mdl['weights_bytes'])} of weights, "
+        f"{format_size(mdl['kv_bytes_per_token'])}/token of KV",
+        f"sessions {st['sessions']}",
+        f"memory   {format_size(m['device_bytes'])} of {format_size(m['budget_bytes'])} budget "
+        f"(peak {format_size(m['peak_device_bytes'])}), host {format_size(m['host_bytes'])}, disk {format_size(m['disk_bytes'])}",
+        f"swaps    {sw['swap_outs']} out, {sw['swap_ins']} in, p50 {sw['latency_ms']['p50']} ms",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def status(socket: str = SocketOpt, as_json: bool = JsonOpt):
+    """Show the daemon's state."""
+    print_status(socket, as_json)
+
+
+# -- sessions --------------------------------------------------------------------------------------
+def _out(obj, as_json=True):
+    typer.echo(json.dumps(obj, indent=2) if as_json else obj)
+
+
+@session_app.command("create")
+def session_create(prompt: str = typer.Argument(..., help="prompt text"), qos: str = typer.Option("interactive"),
+                   socket: str = SocketOpt):
+    """Create a session; prints its id."""
+    typer.echo(_call(socket, "session.create", prompt=prompt, qos=qos)["id"])
+
+
+@session_app.command("list")
+def session_list(socket: str = SocketOpt, as_json: bool = JsonOpt):
+    """List sessions."""
+    rows = _call(socket, "session.list")["sessions"]
+    if as_json:
+        return _out(rows)
+    typer.echo(f"{'id':>4} {'state':8} {'layer':>5} {'where':6} {'bytes':>10} {'qos':12} swaps")
+    for s in rows:
+        layer = "" if s["layer"] is None else s["layer"]
+        nbytes = s["device_bytes"] or s["host_bytes"] or s["disk_bytes"]
+        typer.echo(f"{s['id']:>4} {s['state']:8} {layer:>5} {s['location']:6} {format_size(nbytes):>10} {s['qos']:12} {s['swaps']}")
+
+
+@session_app.command("show")
+def session_show(sid: int, socket: str = SocketOpt):
+    """Show one session."""
+    _out(_call(socket, "session.get", session=sid))
+
+
+@session_app.command("generate")
+def session_generate(sid: int, n: int = typer.Option(1, "-n", help="tokens to generate"), socket: str = SocketOpt):
+    """Generate n greedy tokens; prints their ids."""
+    typer.echo(" ".join(map(str, _call(socket, "session.generate", session=sid, max_new_tokens=n)["tokens"])))
+
+
+@session_app.command("run-to")
+def session_run_to(sid: int, layers: list[int] = typer.Argument(..., help="decoder layers to pause after"),
+                   socket: str = SocketOpt):
+    """Run the next forward to a breakpoint and pause there."""
+    _out(_call(socket, "session.run_to", session=sid, layers=layers))
+
+
+@session_app.command("inspect")
+def session_inspect(sid: int, socket: str = SocketOpt):
+    """Statistics of the paused layer's output."""
+    _out(_call(socket, "session.inspect", session=sid))
+
+
+@session_app.command("patch")
+def session_patch(sid: int, op: str = typer.Argument(..., help="set | add | scale"), value: float = typer.Argument(...),
+                  positions: str = typer.Option(None, help="comma-separated token positions"),
+                  channels: str = typer.Option(None, help="comma-separated channels"), socket: str = SocketOpt):
+    """Patch the paused hidden state."""
+    params = {"session": sid, "op": op, "value": value}
+    try:
+        if positions:
+            params["positions"] = [int(x) for x in positions.split(",")]
+        if channels:
+            params["channels"] = [int(x) for x in channels.split(",")]
+    except ValueError:
+        fail("--positions and --channels take comma-separated integers", 2)
+    _out(_call(socket, "session.patch", **params))
+
+
+@session_app.command("resume")
+def session_resume(sid: int, socket: str = SocketOpt):
+    """Resume a paused session."""
+    _out(_call(socket, "session.resume", session=sid))
+
+
+@session_app.command("phase")
+def session_phase(sid: int, phase: str = typer.Argument(..., help="IO_WAIT | COMPUTE"),
+                  expected_ms: float = typer.Option(None, "--expected-ms"), socket: str = SocketOpt):
+    """Signal a phase (IO_WAIT lets the daemon swap the session out and prefetch it back)."""
+    _out(_call(socket, "session.signal_phase", session=sid, phase=phase, expected_ms=expected_ms))
+
+
+@session_app.command("close")
+def session_close(sid: int, socket: str = SocketOpt):
+    """Close a session and free its memory."""
+    _call(socket, "session.close", session=sid)
+    typer.echo(f"closed {sid}")
+
+
+# -- logs ------------------------------------------------------------------------------------------
+@logs_app.command("export")
+def logs_export(run: Path = typer.Option(None, "--run", help="a scenario run folder"),
+                since: str = typer.Option(None, "--since", help="ISO time or an age like 10m"),
+                fmt: str = typer.Option("jsonl", "--format", help="jsonl | csv | chrome-trace"),
+                output: Path = typer.Option(None, "-o", "--output", help="file to write (default: stdout)"),
+                logs: Path = typer.Option(None, "--logs", help="logs folder (default: ./logs)")):
+    """Export a run's or the daemon's events."""
+    from . import export, paths
+    source = run or (logs or paths.default_logs_dir()) / "daemon"
+    try:
+        n, path = export.export(source, fmt, output, since=since)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e), 2)
+    if path:
+        typer.echo(f"wrote {n} records to {path}", err=True)
+
+
+@logs_app.command("tail")
+def logs_tail(socket: str = SocketOpt, samples: bool = typer.Option(False, "--samples", help="show vram samples too")):
+    """Follow the live event stream."""
+    from rich.console import Console
+    from .export import tail_lines
+    console = Console()
+    try:
+        with Client(socket) as c, c.subscribe() as sub:
+            while True:
+                ev = sub.recv(1.0)
+                if ev is not None and (samples or ev["type"] != "vram"):
+                    console.print(tail_lines(ev))
+    except DjinnError as e:
+        fail(str(e), 2)
+    except KeyboardInterrupt:
+        pass
+
+
+def _add_scenarios():
+    try:
+        from scenarios.cli import app as scenario_app
+    except ImportError:
+        return
+    app.add_typer(scenario_app, name="scenario")
+
+
+_add_scenarios()
+
+
+def main():
+    app(prog_name="djinn")
+
+
+if __name__ == "__main__":
+    main()

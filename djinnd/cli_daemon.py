@@ -1,0 +1,86 @@
+"""`djinnd start | stop | status`."""
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from . import paths
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="djinnd: one model, many sessions, one GPU.")
+
+SocketOpt = typer.Option(None, "--socket", help="request socket (default: $DJINN_SOCKET, $XDG_RUNTIME_DIR/djinn/djinnd.sock, /tmp/djinn-$UID/djinnd.sock)")
+
+
+@app.command()
+def start(
+    detach: bool = typer.Option(False, "--detach", help="run in the background; return once it serves"),
+    socket: str = SocketOpt,
+    device: str = typer.Option("auto", help="auto | cpu | cuda:N"),
+    model: str = typer.Option("tiny-llama", help="tiny-llama, llama-2-7b, llama-2-13b, or a local checkpoint path"),
+    vram_budget: str = typer.Option(None, "--vram-budget", help="device-memory budget, e.g. 70GiB (CPU: an accounting limit)"),
+    host_pool: str = typer.Option(None, "--host-pool", help="host swap pool size, e.g. 32GiB"),
+    dtype: str = typer.Option(None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, bf16 on CUDA)"),
+    logs: Path = typer.Option(None, help="folder for the event log (default: ./logs)"),
+    spill_dir: Path = typer.Option(None, "--spill-dir", help="disk tier folder (default: beside the socket)"),
+    sample_hz: float = typer.Option(10.0, "--sample-hz", help="memory samples per second"),
+    qos: str = typer.Option("on", help="on: serve realtime > interactive > batch; off: first come first served"),
+    escalation_ms: float = typer.Option(None, "--escalation-ms", help="serve a request waiting this long ahead of its class"),
+):
+    """Start the daemon (foreground by default, as systemd Type=notify wants)."""
+    from .daemon import is_locked, read_pid, run_foreground, start_detached
+    from .sizes import parse_size
+    sock = paths.resolve_socket(socket)
+    for name, value in (("--vram-budget", vram_budget), ("--host-pool", host_pool)):
+        if value is not None:
+            try:
+                parse_size(value)
+            except ValueError as e:
+                _fail(f"{name}: {e}", 2)
+    if qos not in ("on", "off"):
+        _fail("--qos must be on or off", 2)
+    if is_locked(sock):
+        _fail(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); stop it with `djinnd stop` first")
+    logs_dir = (logs or paths.default_logs_dir()).absolute()
+    if detach:
+        argv = [a for a in sys.argv[1:] if a not in ("start", "--detach")]
+        if "--socket" not in argv:
+            argv += ["--socket", str(sock)]
+        if "--logs" not in argv:
+            argv += ["--logs", str(logs_dir)]
+        try:
+            pid = start_detached(argv, sock, logs_dir / "daemon" / "djinnd.log")
+        except RuntimeError as e:
+            _fail(str(e))
+        typer.echo(f"djinnd started (pid {pid}) on {sock}")
+        return
+    code = run_foreground(sock, device, model, vram_budget, host_pool, dtype, logs_dir, spill_dir, sample_hz,
+                          qos_fcfs=qos == "off", escalation_ms=escalation_ms)
+    raise typer.Exit(code)
+
+
+@app.command()
+def stop(socket: str = SocketOpt, timeout: float = typer.Option(30.0, help="seconds to wait for it to go")):
+    """Stop the daemon gracefully (sessions closed, logs flushed, socket removed)."""
+    from .daemon import stop as stop_daemon
+    try:
+        typer.echo(stop_daemon(paths.resolve_socket(socket), timeout))
+    except RuntimeError as e:
+        _fail(str(e))
+
+
+@app.command()
+def status(socket: str = SocketOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Show the daemon's pid, uptime, device, model, memory and swap counters."""
+    from .cli import print_status
+    print_status(socket, as_json)
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"djinnd: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main():
+    app(prog_name="djinnd")

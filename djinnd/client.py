@@ -1,0 +1,262 @@
+"""Clients of djinnd, as one scripts a notebook kernel: `Client` (blocking) and `AsyncClient`.
+
+Every call has a timeout and every failure raises DjinnError with a `.code`; when no daemon
+answers, the error names the socket that was tried and how to start one.
+"""
+
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from . import paths, protocol
+from .protocol import DjinnError
+
+__all__ = ["Client", "AsyncClient", "DjinnError", "Subscription"]
+
+DEFAULT_TIMEOUT = 300.0  # seconds: a forward of a long prompt on a CPU takes a while
+_ids = itertools.count(1)
+
+
+def _no_daemon(sock: Path, why: str) -> DjinnError:
+    return DjinnError("no_daemon", f"no djinnd answers on {sock} ({why}); start one with `djinnd start --detach`"
+                      + ("" if "DJINN_SOCKET" in os.environ else " or set DJINN_SOCKET"))
+
+
+class _Api:
+    """The methods of CONTRACT.md, written once over `call` (sync) or `acall` (async)."""
+
+    def _do(self, method, post=None, **params):
+        raise NotImplementedError
+
+    def ping(self):
+        return self._do("ping")
+
+    def status(self):
+        return self._do("status")
+
+    def snapshot(self, samples: int = 600):
+        return self._do("snapshot", samples=samples)
+
+    def events_since(self, seq: int):
+        return self._do("events.since", seq=seq)
+
+    def create_session(self, prompt: str | None = None, token_ids: list[int] | None = None, qos: str = "interactive"):
+        params = {"qos": qos}
+        if prompt is not None:
+            params["prompt"] = prompt
+        if token_ids is not None:
+            params["token_ids"] = list(token_ids)
+        return self._do("session.create", lambda r: r["id"], **params)
+
+    def sessions(self):
+        return self._do("session.list", lambda r: r["sessions"])
+
+    def session(self, sid: int):
+        return self._do("session.get", session=sid)
+
+    def generate(self, sid: int, max_new_tokens: int = 1):
+        return self._do("session.generate", lambda r: r["tokens"], session=sid, max_new_tokens=max_new_tokens)
+
+    def run_to(self, sid: int, layer: int | None = None, layers: list[int] | None = None):
+        """Run the next forward until after decoder layer `layer` (or the first of `layers`) and pause there."""
+        return self._do("session.run_to", session=sid, layers=layers if layers is not None else [layer])
+
+    def resume(self, sid: int):
+        """Run on from the paused layer: the token id when the forward ends, None at a further breakpoint."""
+        return self._do("session.resume", lambda r: r.get("token") if r["state"] != "paused" else None, session=sid)
+
+    def inspect(self, sid: int, positions: list[int] | None = None, channels: list[int] | None = None):
+        return self._do("session.inspect", session=sid, **_sel(positions, channels))
+
+    def patch(self, sid: int, scale=None, set=None, add=None, positions=None, channels=None):
+        """Scale, set or add to the paused hidden state (at the given positions and channels, else all)."""
+        ops = {k: v for k, v in (("scale", scale), ("set", set), ("add", add)) if v is not None}
+        if len(ops) != 1:
+            raise DjinnError("bad_params", "give exactly one of scale=, set=, add=")
+        (op, value), = ops.items()
+        return self._do("session.patch", session=sid, op=op, value=value, **_sel(positions, channels))
+
+    def signal_phase(self, sid: int, phase: str, expected_ms: float | None = None):
+        return self._do("session.signal_phase", session=sid, phase=phase, expected_ms=expected_ms)
+
+    def close(self, sid: int):
+        return self._do("session.close", lambda r: None, session=sid)
+
+    def set_budget(self, budget):
+        return self._do("memory.set_budget", budget=budget)
+
+    def shutdown(self):
+        return self._do("shutdown")
+
+
+def _sel(positions, channels) -> dict:
+    out = {}
+    if positions is not None:
+        out["positions"] = list(positions)
+    if channels is not None:
+        out["channels"] = list(channels)
+    return out
+
+
+def _result(frame: bytes, rid: str):
+    """The result of the reply to `rid`, None for a stale reply to an earlier request."""
+    msg = json.loads(frame)
+    if msg.get("id") != rid:
+        return None, False
+    if msg.get("ok"):
+        return msg.get("result"), True
+    err = msg.get("error") or {}
+    raise DjinnError(err.get("code", "internal"), err.get("message", "unknown error"))
+
+
+def _dealer(ctx, sock: Path):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.connect(paths.endpoint(sock))
+    return s
+
+
+class Client(_Api):
+    """Blocking client. `with Client() as c: c.status()`."""
+
+    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT):
+        self.socket_path = paths.resolve_socket(socket)
+        self.timeout = timeout
+        self._ctx = zmq.Context.instance()
+        self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close_socket()
+
+    def close_socket(self):
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def call(self, method: str, timeout: float | None = None, **params):
+        if not self.socket_path.exists():
+            raise _no_daemon(self.socket_path, "no socket there")
+        if self._sock is None:
+            self._sock = _dealer(self._ctx, self.socket_path)
+        rid = f"{os.getpid()}-{next(_ids)}"
+        self._sock.send(protocol.request(rid, method, params))
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000)):
+                self.close_socket()  # a late reply must not be read as the next one's
+                raise DjinnError("timeout", f"{method}: no reply from {self.socket_path} within {timeout or self.timeout:.0f} s")
+            result, mine = _result(self._sock.recv(), rid)
+            if mine:
+                return result
+
+    def _do(self, method, post=None, **params):
+        r = self.call(method, **params)
+        return post(r) if post else r
+
+    def subscribe(self, types: tuple[str, ...] = ()) -> "Subscription":
+        return Subscription(self, types)
+
+
+class AsyncClient(_Api):
+    """asyncio client: `async with AsyncClient() as c: await c.status()`."""
+
+    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT):
+        self.socket_path = paths.resolve_socket(socket)
+        self.timeout = timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close_socket()
+
+    def close_socket(self):
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def call(self, method: str, timeout: float | None = None, **params):
+        if not self.socket_path.exists():
+            raise _no_daemon(self.socket_path, "no socket there")
+        if self._sock is None:
+            self._sock = _dealer(self._ctx, self.socket_path)
+        rid = f"{os.getpid()}-a{next(_ids)}"
+        await self._sock.send(protocol.request(rid, method, params))
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._sock.poll(int(left * 1000)):
+                self.close_socket()
+                raise DjinnError("timeout", f"{method}: no reply from {self.socket_path} within {timeout or self.timeout:.0f} s")
+            result, mine = _result(await self._sock.recv(), rid)
+            if mine:
+                return result
+
+    async def _do(self, method, post=None, **params):
+        r = await self.call(method, **params)
+        return post(r) if post else r
+
+
+class Subscription:
+    """Follows the event stream; a gap in `seq` is filled from the daemon's memory (samples excepted).
+
+    `lost` counts events that could not be recovered.
+    """
+
+    def __init__(self, client: Client, types: tuple[str, ...] = ()):
+        self.client = client
+        status = client.status()
+        self.endpoint = paths.endpoint(Path(status["events_socket"]))
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        for t in types or ("",):
+            self._sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self._sock.connect(self.endpoint)
+        self.types = types
+        self.last_seq = None
+        self.lost = 0
+        self._pending: list[dict] = []
+
+    def recv(self, timeout: float = 1.0) -> dict | None:
+        """The next event, or None when none came within `timeout` seconds."""
+        if self._pending:
+            return self._pending.pop(0)
+        if not self._sock.poll(int(timeout * 1000)):
+            return None
+        _, body = self._sock.recv_multipart()
+        ev = json.loads(body)
+        if not self.types and self.last_seq is not None and ev["seq"] > self.last_seq + 1:
+            self._repair(ev)
+        self.last_seq = ev["seq"] if self.last_seq is None else max(self.last_seq, ev["seq"])
+        if self._pending:
+            self._pending.append(ev)
+            return self._pending.pop(0)
+        return ev
+
+    def _repair(self, ev: dict) -> None:
+        got = self.client.events_since(self.last_seq)
+        missing = [e for e in got["events"] if self.last_seq < e["seq"] < ev["seq"]]
+        self.lost += (ev["seq"] - self.last_seq - 1) - len(missing)
+        self._pending.extend(missing)
+
+    def close(self):
+        self._sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

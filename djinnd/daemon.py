@@ -1,0 +1,230 @@
+"""djinnd's lifecycle: one daemon per socket, foreground (systemd Type=notify) or detached.
+
+The pidfile is locked with flock for the daemon's whole life: a second start finds it locked and
+refuses; a daemon killed with -9 leaves it unlocked, so its files are known stale and removed.
+"""
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from . import logsetup, paths, sdnotify
+from .sizes import parse_size
+
+log = logging.getLogger("djinnd")
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def prepare_folder(sock: Path) -> None:
+    """The socket folder: created 0700; an existing one of ours is tightened to 0700."""
+    folder = sock.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if folder.stat().st_uid == os.getuid():
+        os.chmod(folder, 0o700)
+
+
+def lock_pidfile(sock: Path):
+    """Take the daemon's pidfile lock, cleaning the files of a dead daemon; AlreadyRunning if one lives."""
+    pidfile = paths.pidfile(sock)
+    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); "
+                             f"stop it with `djinnd stop` first") from None
+    stale = [p for p in (sock, paths.events_socket(sock)) if p.exists()]
+    for p in stale:
+        p.unlink()
+    if stale or os.fstat(fd).st_size:
+        log.info("removed stale files of a daemon that did not stop cleanly: %s",
+                 ", ".join(str(p) for p in stale) or str(pidfile))
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def read_pid(sock: Path) -> int | None:
+    try:
+        return int(paths.pidfile(sock).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_locked(sock: Path) -> bool:
+    try:
+        fd = os.open(paths.pidfile(sock), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def default_capacity(device) -> int:
+    import psutil
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
+def default_budget(device, capacity: int, weights: int) -> int:
+    """CUDA: the card less 10% headroom for the allocator and activations. CPU: weights + 1 GiB."""
+    if device.type == "cuda":
+        return int(capacity * 0.9)
+    return weights + (1 << 30)
+
+
+def default_host_pool(device) -> int:
+    import psutil
+    if device.type == "cuda":
+        return min(psutil.virtual_memory().total // 2, 96 << 30)
+    return 1 << 30
+
+
+def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None, host_pool: str | None,
+                   dtype: str | None, logs_dir: Path, spill_dir: Path | None, sample_hz: float,
+                   qos_fcfs: bool = False, escalation_ms: float | None = None) -> int:
+    """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
+    logsetup.setup()
+    prepare_folder(sock)
+    try:
+        lock_fd = lock_pidfile(sock)
+    except AlreadyRunning as e:
+        log.error("%s", e)
+        return 1
+    from .models import load_model, parse_dtype, resolve_device
+    from .runtime import Runtime
+    from .scheduler import DeviceLock
+    from .server import PubSink, Server, chmod_socket
+    from .telemetry import EventBus, FileSink, Sampler
+
+    events_sock = paths.events_socket(sock)
+    try:
+        dev = resolve_device(device)
+        t0 = time.monotonic()
+        lm = load_model(model, dev, parse_dtype(dtype))
+        capacity = default_capacity(dev)
+        budget = parse_size(vram_budget) if vram_budget else default_budget(dev, capacity, lm.weights_bytes)
+        pool = parse_size(host_pool) if host_pool is not None else default_host_pool(dev)
+        bus = EventBus()
+        bus.add_sink(FileSink(logs_dir / "daemon", bus))
+        rt = Runtime(lm, bus, budget, pool, spill_dir or sock.parent / f"spill-{os.getpid()}", capacity,
+                     DeviceLock(fcfs=qos_fcfs, escalation_s=escalation_ms / 1000 if escalation_ms else None))
+    except (ValueError, OSError) as e:
+        log.error("cannot start: %s", e)
+        _cleanup(sock, lock_fd)
+        return 2
+    log.info("model %s loaded on %s in %.1f s (%s of weights, budget %s)", lm.name, dev, time.monotonic() - t0,
+             lm.weights_bytes, budget)
+
+    from .scenario_runs import ScenarioRuns
+    from .service import Service
+    old_umask = os.umask(0o077)
+    try:
+        ctx = zmq.Context.instance()
+        bus.add_sink(PubSink(ctx, paths.endpoint(events_sock)))
+        service = Service(rt, bus, sock, events_sock, ScenarioRuns(sock, logs_dir, bus))
+        server = Server(service, paths.endpoint(sock))
+    finally:
+        os.umask(old_umask)
+    chmod_socket(sock)
+    chmod_socket(events_sock)
+    sampler = Sampler(bus, rt.mem, dev, sample_hz)
+    sampler.start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
+        bus.emit("daemon", action="started", pid=os.getpid(), socket=str(sock), model=lm.name, device=str(dev))
+        sdnotify.notify("READY=1\nSTATUS=serving")
+        log.info("serving on %s (events on %s)", sock, events_sock)
+        await server.serve()
+        sdnotify.notify("STOPPING=1")
+        log.info("stopping: closing %d sessions", len(rt.sessions))
+        await server.drain(5)
+        service.scenarios.abort_all()
+        await loop.run_in_executor(None, rt.close_all)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sampler.stop()
+        bus.emit("daemon", action="stopped", pid=os.getpid())
+        bus.close()
+        server.close()
+        _cleanup(sock, lock_fd)
+        rt.mem.disk.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _cleanup(sock: Path, lock_fd) -> None:
+    for p in (sock, paths.events_socket(sock), paths.pidfile(sock)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    os.close(lock_fd)
+
+
+def start_detached(argv: list[str], sock: Path, log_file: Path, timeout: float = 120.0) -> int:
+    """Start the daemon in its own session and return once it serves (its pid), or raise RuntimeError."""
+    from .client import Client, DjinnError
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "djinnd", "start", *argv], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"djinnd exited with code {code}: {tail[0]}")
+        if sock.exists():
+            try:
+                with Client(sock, timeout=2) as c:
+                    c.call("ping")
+                return proc.pid
+            except DjinnError:
+                pass
+        time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError(f"djinnd did not serve on {sock} within {timeout:.0f} s (log: {log_file})")
+
+
+def stop(sock: Path, timeout: float = 30.0) -> str:
+    """Ask the daemon to stop, then wait for it to go; SIGTERM it if it does not answer."""
+    from .client import Client, DjinnError
+    pid = read_pid(sock)
+    if not is_locked(sock):
+        raise RuntimeError(f"no djinnd is running on {sock}")
+    try:
+        with Client(sock, timeout=5) as c:
+            c.call("shutdown")
+    except DjinnError:
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_locked(sock):
+            return f"djinnd (pid {pid}) stopped"
+        time.sleep(0.05)
+    raise RuntimeError(f"djinnd (pid {pid}) did not stop within {timeout:.0f} s")

@@ -1,0 +1,316 @@
+"""The device-memory budget: every session's bytes are known, and room is made before allocating.
+
+A session is charged for its KV slab and its held activations before they are allocated
+(`reserve`), and sessions that are paused or idle are swapped out, coldest first, to make room.
+Swapped state goes to the host pool, then to disk; it comes back bit for bit.
+"""
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from .protocol import DjinnError
+from .swappool import DiskTier, HostPool, Stored, u8
+
+QOS_RANK = {"batch": 0, "interactive": 1, "realtime": 2}
+
+
+class MemoryManager:
+    def __init__(self, device: torch.device, budget: int, weights_bytes: int, host_pool: int, spill_dir, bus,
+                 capacity: int = 0):
+        self.device = device
+        self.budget = budget
+        self.capacity = capacity
+        self.weights_bytes = weights_bytes
+        self.cuda = device.type == "cuda"
+        self.host = HostPool(host_pool, pinned=self.cuda)
+        self.disk = DiskTier(spill_dir, pinned=self.cuda)
+        self.bus = bus
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.sessions: dict[int, object] = {}
+        self.peak = self.used
+        self.swap_enabled = True
+        self.counters = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0, "demotions": 0, "failures": 0}
+        self.latencies = deque(maxlen=10000)  # (direction, ms, gbps)
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    # -- accounting ---------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return self.weights_bytes + sum(s.charge for s in self.sessions.values())
+
+    def figures(self) -> dict:
+        with self.lock:
+            return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
+                    "weights_bytes": self.weights_bytes, "host_bytes": self.host.used,
+                    "host_capacity_bytes": self.host.capacity, "disk_bytes": self.disk.used,
+                    "capacity_bytes": self.capacity}
+
+    def swap_figures(self) -> dict:
+        with self.lock:
+            out = dict(self.counters)
+            ms = sorted(m for _, m, _ in self.latencies)
+            gbps = sorted(g for _, _, g in self.latencies)
+        out["latency_ms"] = {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "max": ms[-1] if ms else 0.0}
+        out["throughput_gbps"] = {"p50": _pct(gbps, 50)}
+        return out
+
+    def register(self, s) -> None:
+        with self.lock:
+            self.sessions[s.id] = s
+
+    def unregister(self, s) -> None:
+        """Forget a closed session and free whatever it holds in every tier."""
+        with self.lock:
+            self.sessions.pop(s.id, None)
+            self._drop_stored(s)
+            s.charge = 0
+            self.changed.notify_all()
+
+    def set_budget(self, budget: int) -> None:
+        with self.lock:
+            if budget <= self.weights_bytes:
+                raise DjinnError("bad_params", f"budget {budget} B does not even hold the weights ({self.weights_bytes} B)")
+            self.budget = budget
+            self._make_room(0, None)  # lowering it swaps out what no longer fits
+
+    def pin(self, s) -> None:
+        """Keep `s` from being swapped out (it is computing, or being inspected)."""
+        with self.lock:
+            s.pins += 1
+
+    def unpin(self, s) -> None:
+        with self.lock:
+            s.pins -= 1
+            self.changed.notify_all()
+
+    def reserve(self, s, nbytes: int, timeout: float = 60.0) -> None:
+        """Charge `s` for `nbytes` more device bytes, swapping colder sessions out first.
+
+        Waits while the room is held by sessions that are running right now; fails at once when the
+        request could never fit.
+        """
+        if nbytes <= 0:
+            return
+        with self.lock:
+            if self.weights_bytes + s.charge + nbytes > self.budget:
+                raise DjinnError("out_of_budget", f"session {s.id} needs {s.charge + nbytes} B on the device; "
+                                 f"the budget leaves {self.budget - self.weights_bytes} B beside the weights")
+            deadline = time.monotonic() + timeout
+            while not self._make_room(nbytes, s):
+                if not self.swap_enabled and not self._pinned_others(s):
+                    raise DjinnError("out_of_budget", f"session {s.id} needs {nbytes} B more and swapping is off")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DjinnError("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions")
+                self.changed.wait(min(left, 0.5))
+            s.charge += nbytes
+            self.peak = max(self.peak, self.used)
+
+    def release(self, s, nbytes: int) -> None:
+        with self.lock:
+            s.charge = max(0, s.charge - nbytes)
+            self.changed.notify_all()
+
+    def _pinned_others(self, s) -> bool:
+        return any(o.pins and o is not s and o.charge for o in self.sessions.values())
+
+    def _make_room(self, nbytes: int, requester) -> bool:
+        """Swap out victims until `nbytes` more fit; True when they do."""
+        for victim in self._victims(requester):
+            if self.used + nbytes <= self.budget:
+                break
+            try:
+                self.swap_out(victim, reason="evict")
+            except DjinnError:
+                continue  # that one could not move; try the next
+        return self.used + nbytes <= self.budget
+
+    def _victims(self, requester):
+        if not self.swap_enabled:
+            return []
+        cands = [o for o in self.sessions.values()
+                 if o is not requester and o.charge and not o.pins and o.state in ("paused", "idle")]
+        return sorted(cands, key=lambda o: (o.phase != "IO_WAIT", QOS_RANK.get(o.qos, 1), o.last_used))
+
+    # -- swapping -------------------------------------------------------------------------------
+    def swap_out(self, s, reason: str = "evict", tier: str | None = None) -> None:
+        """Copy every device tensor of `s` to the host pool (or disk), then free the device storage in place."""
+        with self.lock:
+            if s.stored is not None or s.pins:
+                return
+            storages = _unique_storages(s.swappable_tensors())
+            sizes = [st.nbytes() for st in storages]
+            total = sum(sizes)
+            t0 = self._timer()
+            stored = None
+            try:
+                if tier != "disk":
+                    stored = self._to_host(storages, sizes, s.charge)
+                if stored is None:
+                    stored = Stored("disk", sizes, s.charge)
+                    stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}", [u8(st) for st in storages], total)
+            except OSError as e:
+                self.counters["failures"] += 1
+                self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
+                raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
+            ms = self._elapsed(t0, stored.tier)
+            for st in storages:
+                st.resize_(0)
+            s.stored, s.charge = stored, 0
+            self._account("out", s, stored.tier, total, ms, reason)
+            self.changed.notify_all()
+
+    def _to_host(self, storages, sizes, charge) -> Stored | None:
+        total = sum(sizes)
+        off = self.host.alloc(total)
+        if off is None:
+            self._demote_for(total)
+            off = self.host.alloc(total)
+        if off is None:
+            return None
+        dst = self.host.view(off, total)
+        with self._on_copy_stream():
+            pos = 0
+            for st, n in zip(storages, sizes):
+                dst[pos:pos + n].copy_(u8(st), non_blocking=True)
+                pos += n
+        self._sync()
+        return Stored("host", sizes, charge, offset=off)
+
+    def _demote_for(self, nbytes: int) -> None:
+        """Move the coldest host-resident sessions to disk until `nbytes` fit in the host pool."""
+        cold = sorted((o for o in self.sessions.values() if o.stored is not None and o.stored.tier == "host"),
+                      key=lambda o: (o.phase != "IO_WAIT", QOS_RANK.get(o.qos, 1), o.last_used))
+        for o in cold:
+            if self._largest_free() >= nbytes:
+                return
+            st = o.stored
+            try:
+                t0 = self._timer()
+                path = self.disk.write(f"session-{o.id}-{time.monotonic_ns()}", [self.host.view(st.offset, st.nbytes)], st.nbytes)
+            except OSError as e:
+                self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
+                return
+            self.host.release(st.offset, st.nbytes)
+            o.stored = Stored("disk", st.sizes, st.charge, path=path)
+            self.counters["demotions"] += 1
+            ms = self._elapsed(t0, "disk")
+            self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
+                          gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
+
+    def _largest_free(self) -> int:
+        return max((size for _, size in self.host._free), default=0)
+
+    def swap_in(self, s, reason: str = "demand") -> None:
+        """Bring `s` back to the device, making room first; the storages are restored in place."""
+        with self.lock:
+            stored = s.stored
+            if stored is None:
+                return
+            self.reserve(s, stored.charge)
+            storages = _unique_storages(s.swappable_tensors())
+            t0 = self._timer()
+            try:
+                for st, n in zip(storages, stored.sizes):
+                    st.resize_(n)
+                if stored.tier == "host":
+                    src = self.host.view(stored.offset, stored.nbytes)
+                    with self._on_copy_stream():
+                        pos = 0
+                        for st, n in zip(storages, stored.sizes):
+                            u8(st).copy_(src[pos:pos + n], non_blocking=True)
+                            pos += n
+                    self._sync()
+                else:
+                    self.disk.read(stored.path, [u8(st) for st in storages])
+            except OSError as e:
+                for st in storages:
+                    st.resize_(0)
+                s.charge -= stored.charge
+                self.counters["failures"] += 1
+                self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
+                raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None
+            ms = self._elapsed(t0, stored.tier)
+            self._drop_stored(s)
+            self._account("in", s, stored.tier, stored.nbytes, ms, reason)
+
+    def _drop_stored(self, s) -> None:
+        st, s.stored = s.stored, None
+        if st is None:
+            return
+        if st.tier == "host":
+            self.host.release(st.offset, st.nbytes)
+        else:
+            self.disk.remove(st.path, st.nbytes)
+
+    def _account(self, direction, s, tier, nbytes, ms, reason) -> None:
+        gbps = _gbps(nbytes, ms)
+        self.counters["swap_outs" if direction == "out" else "swap_ins"] += 1
+        self.counters["bytes_out" if direction == "out" else "bytes_in"] += nbytes
+        self.latencies.append((direction, ms, gbps))
+        s.swaps += 1
+        s.last_swap_ms = round(ms, 3)
+        self.bus.emit(f"swap_{direction}", session=s.id, tier=tier, bytes=nbytes, ms=round(ms, 3), gbps=gbps, reason=reason)
+
+    # -- timing and streams ----------------------------------------------------------------------
+    def _on_copy_stream(self):
+        if not self.cuda:
+            return _Null()
+        self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        return torch.cuda.stream(self._stream)
+
+    def _sync(self):
+        if self.cuda:
+            self._stream.synchronize()
+
+    def _timer(self):
+        """Start a timing: wall clock always, and a CUDA event on the copy stream on a GPU."""
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(self._stream)
+        return time.perf_counter(), ev
+
+    def _elapsed(self, t0, tier: str = "host") -> float:
+        """Milliseconds: CUDA events time the host-pool copies on a GPU; disk I/O is timed by the wall clock."""
+        wall, ev = t0
+        if ev is not None and tier == "host":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self._stream)
+            end.synchronize()
+            return ev.elapsed_time(end)
+        return (time.perf_counter() - wall) * 1000
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _unique_storages(tensors) -> list[torch.UntypedStorage]:
+    seen, out = set(), []
+    for t in tensors:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in seen:
+            seen.add(key)
+            out.append(st)
+    return out
+
+
+def _gbps(nbytes: int, ms: float) -> float:
+    return round(nbytes / (ms * 1e6), 3) if ms > 0 else 0.0
+
+
+def _pct(values, p) -> float:
+    if not values:
+        return 0.0
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return round(values[k], 3)

@@ -1,0 +1,34 @@
+"""Where the daemon's socket, event socket and pidfile live (CONTRACT.md)."""
+
+import os
+from pathlib import Path
+
+
+def default_socket() -> Path:
+    """--socket, else $DJINN_SOCKET, else $XDG_RUNTIME_DIR/djinn/djinnd.sock, else /tmp/djinn-$UID/djinnd.sock."""
+    if os.environ.get("DJINN_SOCKET"):
+        return Path(os.environ["DJINN_SOCKET"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "djinn" / "djinnd.sock"
+    return Path(f"/tmp/djinn-{os.getuid()}") / "djinnd.sock"
+
+
+def resolve_socket(path=None) -> Path:
+    return Path(path).expanduser().absolute() if path else default_socket().absolute()
+
+
+def events_socket(sock: Path) -> Path:
+    return sock.with_name(sock.stem + "-events.sock")
+
+
+def pidfile(sock: Path) -> Path:
+    return sock.with_name(sock.stem + ".pid")
+
+
+def endpoint(path: Path) -> str:
+    return f"ipc://{path}"
+
+
+def default_logs_dir() -> Path:
+    """logs/ of the checkout when run from it, else $DJINN_LOGS, else ./logs."""
+    return Path(os.environ.get("DJINN_LOGS", "logs")).absolute()

@@ -1,0 +1,363 @@
+"""The runtime: one shared model, many sessions, breakpoints inside the forward pass, and the budget.
+
+Plain Python with no knowledge of sockets: the RPC server is a thin adapter over these methods,
+and tests drive them directly. Each forward runs in its own thread; a hook on every decoder layer
+looks up whose forward is running (a ContextVar) and pauses it there when that session asked to.
+While paused the thread gives up the device, so other sessions compute and the paused one can be
+swapped out; resume swaps it back before the thread runs on from the next layer.
+"""
+
+import contextvars
+import itertools
+import threading
+import time
+from functools import partial
+
+import torch
+
+from .memory import MemoryManager
+from .protocol import DjinnError
+from .scheduler import DeviceLock
+from .session import Aborted, Session, check_qos
+
+_running: contextvars.ContextVar = contextvars.ContextVar("djinn_session", default=None)
+MAX_VALUES = 1 << 16  # elements an inspect may return
+
+
+class Runtime:
+    def __init__(self, lm, bus, budget: int, host_pool: int, spill_dir, capacity: int = 0,
+                 device_lock: DeviceLock | None = None):
+        self.lm, self.bus = lm, bus
+        if budget <= lm.weights_bytes:
+            raise ValueError(f"the budget ({budget} B) does not even hold the weights ({lm.weights_bytes} B)")
+        self.mem = MemoryManager(lm.device, budget, lm.weights_bytes, host_pool, spill_dir, bus, capacity)
+        self.device_lock = device_lock or DeviceLock()
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._act_bytes_per_token = lm.hidden_size * lm.dtype.itemsize
+        for i, layer in enumerate(lm.decoder_layers()):
+            layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
+        lm.embed().register_forward_hook(self._embed_hook)
+
+    # -- sessions ------------------------------------------------------------------------------
+    def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
+        try:
+            check_qos(qos)
+        except ValueError as e:
+            raise DjinnError("bad_params", str(e)) from None
+        if token_ids is None:
+            if not isinstance(prompt, str) or not prompt:
+                raise DjinnError("bad_params", "give a non-empty 'prompt' or 'token_ids'")
+            token_ids = self.lm.encode(prompt)
+        if (not isinstance(token_ids, list) or not token_ids
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.lm.vocab_size for t in token_ids)):
+            raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
+        first = self.lm.kv_bytes_per_token * len(token_ids)
+        if self.lm.weights_bytes + first > self.mem.budget:
+            raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
+                             f"the budget leaves {self.mem.budget - self.lm.weights_bytes} B beside the weights")
+        with self._lock:
+            s = Session(next(self._ids), token_ids, qos, self.lm)
+            self.sessions[s.id] = s
+        self.mem.register(s)
+        self._event(s, "created")
+        return s
+
+    def get(self, sid) -> Session:
+        s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
+        if s is None:
+            raise DjinnError("unknown_session", f"no session {sid!r}")
+        return s
+
+    def list_sessions(self) -> list[dict]:
+        return [s.info() for s in list(self.sessions.values())]
+
+    def close(self, sid) -> None:
+        s = self.get(sid)
+        with s.cond:
+            if s.state == "running":
+                s.cond.wait_for(lambda: s.state != "running", 120)
+            s.abort_requested = True
+            s.cond.notify_all()
+        if s.thread is not None:
+            s.thread.join(30)
+        with self._lock:
+            self.sessions.pop(s.id, None)
+        self.mem.unregister(s)
+        s.cache.release()
+        s.held, s.hidden, s.embeds = [], None, None
+        s.state = "closed"
+        self._event(s, "closed")
+
+    def close_all(self) -> None:
+        for sid in list(self.sessions):
+            try:
+                self.close(sid)
+            except DjinnError:
+                pass
+
+    # -- forward passes ---------------------------------------------------------------------------
+    def generate(self, sid, max_new_tokens: int) -> list[int]:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 0 < max_new_tokens <= 4096:
+            raise DjinnError("bad_params", "'max_new_tokens' must be an int in [1, 4096]")
+        s = self.get(sid)
+        return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
+
+    def run_to(self, sid, layers) -> dict:
+        """Start the next forward with breakpoints after the given decoder layers; return at the first."""
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        n = self.lm.num_layers
+        if (not isinstance(layers, list) or not layers
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            raise DjinnError("bad_params", "'layers' must be a non-empty list of decoder-layer indices")
+        bad = [x for x in layers if not 0 <= x < n]
+        if bad:
+            raise DjinnError("bad_params", f"layer {bad[0]} is out of range: the model has {n} decoder layers (0..{n - 1})")
+        return self._run_forward(self.get(sid), sorted(set(layers)))
+
+    def resume(self, sid) -> dict:
+        s = self.get(sid)
+        with s.cond:
+            if s.state != "paused":
+                raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
+            s.error = None
+            s.resume_requested = True
+            s.cond.notify_all()
+        return self._wait(s, resumed=True)
+
+    def _run_forward(self, s: Session, breakpoints: list[int]) -> dict:
+        with s.cond:
+            if s.state != "idle":
+                where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
+                raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
+            s.state, s.breakpoints, s.error, s.token = "running", breakpoints, None, None
+            s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
+            s.thread.start()
+        return self._wait(s)
+
+    def _wait(self, s: Session, resumed: bool = False) -> dict:
+        with s.cond:
+            if resumed:
+                s.cond.wait_for(lambda: not s.resume_requested)
+            s.cond.wait_for(lambda: s.state != "running" or s.error is not None)
+            if s.error is not None:
+                err, s.error = s.error, None
+                if isinstance(err, DjinnError):
+                    raise err
+                raise DjinnError("internal", f"forward of session {s.id} failed: {err!r}")
+            if s.state == "paused":
+                return {"state": "paused", "layer": s.layer}
+            return {"state": s.state, "token": s.token}
+
+    def _forward(self, s: Session) -> None:
+        """The forward thread: compute on the device, pausing at breakpoints, then record the token."""
+        _running.set(s)
+        start_len = s.cache.seq_len
+        try:
+            self.device_lock.acquire(s.qos)
+            self._enter(s, len(s.pending))
+            with torch.no_grad():
+                ids = torch.tensor([s.pending], device=self.lm.device)
+                out = self.lm.model(input_ids=ids, past_key_values=s.cache.cache, use_cache=True, logits_to_keep=1)
+                token = int(out.logits[0, -1].argmax())
+            del out
+            s.generated.append(token)
+            s.pending = [token]
+            outcome, s.token = None, token
+        except Aborted:
+            outcome = "aborted"
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the session stays usable
+            for layer in s.cache.layers:
+                layer.length = start_len
+            outcome = e
+        finally:
+            s.embeds, s.held, s.hidden = None, [], None
+            self.mem.release(s, s.act_charge)
+            s.act_charge = 0
+            if s.forward_pinned:
+                self._unpin_forward(s)
+            if self.device_lock.held_by_me():
+                self.device_lock.release()
+        with s.cond:
+            s.state, s.layer, s.last_used = "idle", None, time.monotonic()
+            if isinstance(outcome, Exception):
+                s.error = outcome
+            s.cond.notify_all()
+        if outcome is None:
+            self._event(s, "finished", token=s.token)
+
+    def _enter(self, s: Session, new_tokens: int) -> None:
+        """Make `s` resident and charge it for this forward's KV growth and activations, before allocating."""
+        self._pin_forward(s)
+        self.mem.swap_in(s, reason="demand")
+        cache = s.cache
+        cap = cache.capacity_for(cache.seq_len + new_tokens)
+        if cap > cache.capacity:
+            old = cache.nbytes
+            self.mem.reserve(s, cache.bytes_for(cap))
+            cache.grow(cap)
+            self.mem.release(s, old)
+        s.act_charge = 3 * new_tokens * self._act_bytes_per_token  # embeddings, layer input, layer output
+        self.mem.reserve(s, s.act_charge)
+        s.last_used = time.monotonic()
+
+    def _pin_forward(self, s: Session) -> None:
+        self.mem.pin(s)
+        s.forward_pinned = True
+
+    def _unpin_forward(self, s: Session) -> None:
+        s.forward_pinned = False
+        self.mem.unpin(s)
+
+    # -- breakpoints -----------------------------------------------------------------------------
+    def _embed_hook(self, module, args, output):
+        s = _running.get()
+        if s is not None:
+            s.embeds = output
+
+    def _layer_hook(self, index, module, args, kwargs, output):
+        s = _running.get()
+        if s is None or index not in s.breakpoints:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        layer_input = args[0] if args else kwargs.get("hidden_states")
+        s.hidden = hidden
+        s.held = [t for t in (hidden, layer_input, s.embeds) if isinstance(t, torch.Tensor)]
+        self._pause(s, index)
+        s.hidden, s.held = None, []
+        return None
+
+    def _pause(self, s: Session, index: int) -> None:
+        """Give up the device and wait for resume (or close); come back resident, holding the device."""
+        with s.cond:
+            s.state, s.layer, s.last_used = "paused", index, time.monotonic()
+            s.cond.notify_all()
+        self._unpin_forward(s)
+        self.device_lock.release()
+        self._event(s, "paused", layer=index)
+        while True:
+            with s.cond:
+                s.cond.wait_for(lambda: s.resume_requested or s.abort_requested)
+                if s.abort_requested:
+                    raise Aborted()
+            try:
+                self.device_lock.acquire(s.qos)
+                self._pin_forward(s)
+                self.mem.swap_in(s, reason="resume")
+                break
+            except DjinnError as e:  # stays paused, intact; the resume caller gets the error
+                self._unpin_forward(s)
+                self.device_lock.release()
+                with s.cond:
+                    s.error, s.resume_requested = e, False
+                    s.cond.notify_all()
+        with s.cond:
+            s.state, s.layer, s.resume_requested = "running", None, False
+            s.last_used = time.monotonic()
+            s.cond.notify_all()
+        self._event(s, "resumed", layer=index)
+
+    # -- inspect and patch -------------------------------------------------------------------------
+    def inspect(self, sid, positions=None, channels=None) -> dict:
+        s = self.get(sid)
+        with self._paused_resident(s):
+            return self._stats(s, positions, channels)
+
+    def patch(self, sid, op: str, value, positions=None, channels=None) -> dict:
+        s = self.get(sid)
+        if op not in ("set", "add", "scale"):
+            raise DjinnError("bad_params", f"unknown patch op {op!r} (choose set, add, scale)")
+        with self._paused_resident(s):
+            h = s.hidden
+            idx = self._index(h, positions, channels)
+            target = h[idx]
+            try:
+                v = torch.as_tensor(value, dtype=h.dtype, device=h.device)
+                v = torch.broadcast_to(v, target.shape) if v.dim() else v
+            except (TypeError, ValueError, RuntimeError):
+                shape = list(target.shape)
+                raise DjinnError("bad_params", f"patch value does not fit the selected shape {shape}") from None
+            with torch.no_grad():
+                if op == "set":
+                    h[idx] = v
+                elif op == "add":
+                    h[idx] = target + v
+                else:
+                    h[idx] = target * v
+            return self._stats(s, None, None)
+
+    def _paused_resident(self, s: Session):
+        runtime = self
+
+        class _Ctx:
+            def __enter__(self):
+                if s.state != "paused" or s.hidden is None:
+                    raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
+                runtime.mem.pin(s)
+                try:
+                    runtime.mem.swap_in(s, reason="inspect")
+                except BaseException:
+                    runtime.mem.unpin(s)
+                    raise
+                s.last_used = time.monotonic()
+
+            def __exit__(self, *exc):
+                runtime.mem.unpin(s)
+                return False
+
+        return _Ctx()
+
+    def _index(self, h, positions, channels):
+        """Index of the selected positions (of this forward's tokens) and channels of hidden [1, T, H]."""
+        T, H = h.shape[1], h.shape[2]
+        pos = self._check_list(positions, T, "positions")
+        ch = self._check_list(channels, H, "channels")
+        if pos is None and ch is None:
+            return (slice(None),)
+        if ch is None:
+            return (0, pos)
+        if pos is None:
+            return (0, slice(None), ch)
+        return (0, torch.tensor(pos).unsqueeze(1), torch.tensor(ch).unsqueeze(0))
+
+    @staticmethod
+    def _check_list(xs, n: int, what: str):
+        if xs is None:
+            return None
+        if (not isinstance(xs, list) or not xs
+                or not all(isinstance(x, int) and not isinstance(x, bool) and -n <= x < n for x in xs)):
+            raise DjinnError("bad_params", f"'{what}' must be a non-empty list of indices in [0, {n})")
+        return xs
+
+    def _stats(self, s: Session, positions, channels) -> dict:
+        h = s.hidden
+        f = h.detach().float()
+        out = {"layer": s.layer, "shape": list(h.shape), "dtype": str(h.dtype).removeprefix("torch."),
+               "mean": f.mean().item(), "std": f.std().item() if f.numel() > 1 else 0.0,
+               "min": f.min().item(), "max": f.max().item(), "norm": f.norm().item()}
+        if positions is not None or channels is not None:
+            sel = f[self._index(h, positions, channels)]
+            if sel.numel() > MAX_VALUES:
+                raise DjinnError("bad_params", f"the slice has {sel.numel()} values; at most {MAX_VALUES} may be returned")
+            out["values"] = sel.tolist()
+        return out
+
+    # -- phases ------------------------------------------------------------------------------------
+    def signal_phase(self, sid, phase: str, expected_ms=None) -> dict:
+        s = self.get(sid)
+        if phase not in ("IO_WAIT", "COMPUTE"):
+            raise DjinnError("bad_params", f"unknown phase {phase!r} (choose IO_WAIT or COMPUTE)")
+        if expected_ms is not None and (not isinstance(expected_ms, (int, float)) or isinstance(expected_ms, bool) or expected_ms < 0):
+            raise DjinnError("bad_params", "'expected_ms' must be a non-negative number")
+        s.phase = phase
+        s.expected_wake = time.monotonic() + expected_ms / 1000 if (phase == "IO_WAIT" and expected_ms is not None) else None
+        self._event(s, "phase", phase=phase, expected_ms=expected_ms)
+        return s.info()
+
+    # -- status --------------------------------------------------------------------------------------
+    def _event(self, s: Session, action: str, **extra) -> None:
+        fields = {"session": s.id, "action": action, "state": s.state, "layer": s.layer, "qos": s.qos,
+                  "location": s.location, **extra}
+        self.bus.emit("session", **fields)

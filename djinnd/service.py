@@ -1,0 +1,146 @@
+"""The daemon's request handlers: method name -> runtime call, with parameters checked on the way."""
+
+import os
+import time
+
+from . import __version__
+from .protocol import DjinnError
+from .sizes import parse_size
+
+# Methods that may block (a forward pass, a swap) run on the worker pool; the rest on the loop.
+SLOW = {"session.generate", "session.run_to", "session.resume", "session.inspect", "session.patch",
+        "session.close", "session.signal_phase", "memory.set_budget", "session.create"}
+
+
+class Service:
+    def __init__(self, runtime, bus, socket_path, events_path, scenarios=None):
+        self.rt, self.bus = runtime, bus
+        self.socket_path, self.events_path = str(socket_path), str(events_path)
+        self.scenarios = scenarios
+        self.started = time.monotonic()
+        self.stop_requested = False
+
+    def handle(self, method: str, params: dict):
+        fn = self.METHODS.get(method)
+        if fn is None:
+            raise DjinnError("unknown_method", f"unknown method {method!r}")
+        try:
+            return fn(self, **params)
+        except TypeError as e:
+            if "argument" in str(e):
+                raise DjinnError("bad_params", f"{method}: {e}".replace(f"{fn.__name__}() ", "")) from None
+            raise
+
+    # -- daemon ----------------------------------------------------------------------------------
+    def ping(self):
+        return {}
+
+    def status(self):
+        lm, mem = self.rt.lm, self.rt.mem
+        dev = lm.device
+        device = {"kind": dev.type, "name": _device_name(dev), "index": dev.index, "dtype": str(lm.dtype).removeprefix("torch."),
+                  "capacity_bytes": mem.capacity}
+        return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.monotonic() - self.started, 3),
+                "socket": self.socket_path, "events_socket": self.events_path, "device": device,
+                "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
+                "swap": mem.swap_figures(), "seq": self.bus.seq}
+
+    def snapshot(self, samples: int = 600):
+        seq = self.bus.seq
+        events, _ = self.bus.since(max(0, seq - 500))
+        return {"seq": seq, "status": self.status(), "sessions": self.rt.list_sessions(),
+                "samples": self.bus.recent_samples(_int(samples, "samples")), "events": events}
+
+    def events_since(self, seq: int):
+        events, lost = self.bus.since(_int(seq, "seq"))
+        return {"events": events, "lost": lost}
+
+    def emit(self, type: str, **fields):
+        if type != "scenario":
+            raise DjinnError("bad_params", "clients may only emit 'scenario' events")
+        return {"seq": self.bus.emit("scenario", **fields)["seq"]}
+
+    def shutdown(self):
+        self.stop_requested = True
+        return {}
+
+    def set_budget(self, budget):
+        try:
+            self.rt.mem.set_budget(parse_size(budget))
+        except ValueError as e:
+            raise DjinnError("bad_params", str(e)) from None
+        return self.rt.mem.figures()
+
+    # -- sessions --------------------------------------------------------------------------------
+    def create(self, prompt=None, token_ids=None, qos="interactive"):
+        return self.rt.create(prompt=prompt, token_ids=token_ids, qos=qos).info()
+
+    def list(self):
+        return {"sessions": self.rt.list_sessions()}
+
+    def get(self, session):
+        return self.rt.get(session).info()
+
+    def generate(self, session, max_new_tokens=1):
+        return {"tokens": self.rt.generate(session, max_new_tokens)}
+
+    def run_to(self, session, layers=None, layer=None):
+        return self.rt.run_to(session, layers if layers is not None else layer)
+
+    def resume(self, session):
+        return self.rt.resume(session)
+
+    def inspect(self, session, positions=None, channels=None):
+        return self.rt.inspect(session, positions, channels)
+
+    def patch(self, session, op, value, positions=None, channels=None):
+        return self.rt.patch(session, op, value, positions, channels)
+
+    def signal_phase(self, session, phase, expected_ms=None):
+        return self.rt.signal_phase(session, phase, expected_ms)
+
+    def close(self, session):
+        self.rt.close(session)
+        return {}
+
+    # -- scenarios -------------------------------------------------------------------------------
+    def _runs(self):
+        if self.scenarios is None:
+            raise DjinnError("unknown_method", "this daemon runs no scenarios")
+        return self.scenarios
+
+    def scenario_list(self):
+        return {"scenarios": self._runs().catalog()}
+
+    def scenario_start(self, name, set=None):
+        return self._runs().start(name, set or {})
+
+    def scenario_abort(self, run):
+        return self._runs().abort(run)
+
+    def scenario_runs(self):
+        return {"runs": self._runs().runs()}
+
+    METHODS = {
+        "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
+        "shutdown": shutdown, "memory.set_budget": set_budget,
+        "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
+        "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.patch": patch,
+        "session.signal_phase": signal_phase, "session.close": close,
+        "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,
+        "scenario.runs": scenario_runs,
+    }
+
+
+def _int(v, name):
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise DjinnError("bad_params", f"'{name}' must be an integer")
+    return v
+
+
+def _device_name(dev) -> str:
+    if dev.type == "cuda":
+        import torch
+        return torch.cuda.get_device_name(dev)
+    import platform
+    return platform.processor() or platform.machine() or "cpu"

@@ -1,0 +1,70 @@
+"""A session: its tokens, its KV slab, and the forward pass it may be paused inside."""
+
+import threading
+import time
+
+from .kvcache import SlabCache
+from .scheduler import QOS_CLASSES
+
+
+class Aborted(Exception):
+    """Raised inside a paused forward to unwind it when its session is closed."""
+
+
+class Session:
+    def __init__(self, sid: int, prompt_ids: list[int], qos: str, lm):
+        self.id, self.qos = sid, qos
+        self.prompt_ids = list(prompt_ids)
+        self.generated: list[int] = []
+        self.pending: list[int] = list(prompt_ids)  # the next forward's input
+        self.cache = SlabCache(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype, lm.device)
+        self.state = "idle"  # idle | running | paused | closed
+        self.layer: int | None = None  # where it is paused
+        self.phase = "COMPUTE"
+        self.expected_wake: float | None = None  # monotonic time an IO_WAIT is expected to end
+        self.breakpoints: list[int] = []
+        self.hidden = None  # the paused layer's output, which inspect and patch act on
+        self.held: list = []  # every activation the paused forward holds: swapped with the slab
+        self.embeds = None
+        # memory bookkeeping (MemoryManager's)
+        self.charge = 0
+        self.act_charge = 0
+        self.pins = 0
+        self.forward_pinned = False
+        self.stored = None
+        self.swaps = 0
+        self.last_swap_ms: float | None = None
+        self.last_used = time.monotonic()
+        self.created_at = time.time()
+        # forward thread handshake
+        self.cond = threading.Condition()
+        self.resume_requested = False
+        self.abort_requested = False
+        self.error: Exception | None = None
+        self.token: int | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def location(self) -> str:
+        return "device" if self.stored is None else self.stored.tier
+
+    def swappable_tensors(self) -> list:
+        return self.cache.tensors() + self.held
+
+    def info(self) -> dict:
+        stored = self.stored
+        return {
+            "id": self.id, "state": self.state, "layer": self.layer, "location": self.location,
+            "device_bytes": self.charge,
+            "host_bytes": stored.nbytes if stored and stored.tier == "host" else 0,
+            "disk_bytes": stored.nbytes if stored and stored.tier == "disk" else 0,
+            "qos": self.qos, "phase": self.phase, "seq_len": self.cache.seq_len,
+            "prompt_tokens": len(self.prompt_ids), "tokens": list(self.generated),
+            "last_swap_ms": self.last_swap_ms, "swaps": self.swaps, "created_at": self.created_at,
+        }
+
+
+def check_qos(qos: str) -> str:
+    if qos not in QOS_CLASSES:
+        raise ValueError(f"unknown QoS class {qos!r} (choose {', '.join(QOS_CLASSES)})")
+    return qos

@@ -1,0 +1,151 @@
+"""Where swapped-out session state lives: a host pool allocated once and reused, then a disk tier.
+
+The host pool is one buffer (pinned on CUDA, since pinning per swap costs more than the copy)
+carved first-fit. The disk tier writes plain files, space reserved with fallocate first: a memory
+map would turn a full disk into SIGBUS, a plain write into an error we can recover from.
+"""
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ALIGN = 512
+STAGING = 64 << 20  # bytes: the disk tier's bounce buffer for device memory
+
+
+def u8(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over a whole storage, for copying it as bytes."""
+    t = torch.empty(0, dtype=torch.uint8, device=storage.device)
+    return t.set_(storage, 0, (storage.nbytes(),))
+
+
+class HostPool:
+    def __init__(self, capacity: int, pinned: bool):
+        self.capacity = capacity
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
+        self._free = [(0, capacity)] if capacity else []  # (offset, size), sorted, coalesced
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def alloc(self, n: int) -> int | None:
+        size = -(-n // ALIGN) * ALIGN
+        with self._lock:
+            for i, (off, free) in enumerate(self._free):
+                if free >= size:
+                    self._free[i:i + 1] = [(off + size, free - size)] if free > size else []
+                    self.used += size
+                    return off
+        return None
+
+    def release(self, off: int, n: int) -> None:
+        size = -(-n // ALIGN) * ALIGN
+        with self._lock:
+            self._free.append((off, size))
+            self._free.sort()
+            merged = []
+            for o, s in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == o:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + s)
+                else:
+                    merged.append((o, s))
+            self._free = merged
+            self.used -= size
+
+    def view(self, off: int, n: int) -> torch.Tensor:
+        return self.buffer[off:off + n]
+
+
+class DiskTier:
+    def __init__(self, folder: Path, pinned: bool):
+        self.folder = Path(folder)
+        self.used = 0
+        self._pinned = pinned
+        self._staging = None
+        self._lock = threading.Lock()
+
+    def _stage(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(STAGING, dtype=torch.uint8, pin_memory=self._pinned)
+        return self._staging
+
+    def write(self, name: str, parts: list[torch.Tensor], total: int) -> Path:
+        """Write the byte tensors in order to one file; on any OSError remove it and re-raise."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.swap"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if total:
+                os.posix_fallocate(fd, 0, total)
+            with self._lock:
+                for part in parts:
+                    self._write_all(fd, part)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.used += total
+        return path
+
+    def _write_all(self, fd, part: torch.Tensor):
+        if part.device.type == "cpu":
+            os.write(fd, memoryview(part.numpy())) if part.numel() else None
+            return
+        stage = self._stage()
+        for start in range(0, part.numel(), STAGING):
+            chunk = part[start:start + STAGING]
+            stage[:chunk.numel()].copy_(chunk)
+            os.write(fd, memoryview(stage[:chunk.numel()].numpy()))
+
+    def read(self, path: Path, parts: list[torch.Tensor]) -> None:
+        with open(path, "rb", buffering=0) as f, self._lock:
+            for part in parts:
+                if part.device.type == "cpu":
+                    _read_exact(f, part.numpy())
+                    continue
+                stage = self._stage()
+                for start in range(0, part.numel(), STAGING):
+                    chunk = part[start:start + STAGING]
+                    _read_exact(f, stage[:chunk.numel()].numpy())
+                    chunk.copy_(stage[:chunk.numel()])
+
+    def remove(self, path: Path, total: int) -> None:
+        Path(path).unlink(missing_ok=True)
+        self.used -= total
+
+    def cleanup(self) -> None:
+        """Remove the spill folder's swap files (on shutdown, when no session is left)."""
+        for p in self.folder.glob("*.swap"):
+            p.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
+def _read_exact(f, arr: np.ndarray) -> None:
+    view = memoryview(arr).cast("B")
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"swap file {f.name} is truncated")
+        got += n
+
+
+@dataclass
+class Stored:
+    """A swapped-out session's bytes: where they are and how they split back into storages."""
+    tier: str  # "host" or "disk"
+    sizes: list[int]
+    charge: int  # the device bytes the session was accounted for
+    offset: int = 0
+    path: Path | None = None
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        self.nbytes = sum(self.sizes)
