@@ -19,6 +19,7 @@ from .protocol import DjinnError
 __all__ = ["Client", "AsyncClient", "DjinnError", "Subscription"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds: a forward of a long prompt on a CPU takes a while
+CONNECT_TIMEOUT_MS = 2000  # a live daemon accepts the connection at once
 _ids = itertools.count(1)
 
 
@@ -90,6 +91,9 @@ class _Api:
     def set_budget(self, budget):
         return self._do("memory.set_budget", budget=budget)
 
+    def set_swap(self, enabled: bool):
+        return self._do("memory.set_swap", enabled=enabled)
+
     def shutdown(self):
         return self._do("shutdown")
 
@@ -148,6 +152,9 @@ class Client(_Api):
         if self._sock is None:
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-{next(_ids)}"
+        if not self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            self.close_socket()
+            raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
         self._sock.send(protocol.request(rid, method, params))
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
@@ -193,6 +200,9 @@ class AsyncClient(_Api):
         if self._sock is None:
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-a{next(_ids)}"
+        if not await self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            self.close_socket()
+            raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
         await self._sock.send(protocol.request(rid, method, params))
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:

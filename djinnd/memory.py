@@ -47,7 +47,7 @@ class MemoryManager:
             return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
                     "weights_bytes": self.weights_bytes, "host_bytes": self.host.used,
                     "host_capacity_bytes": self.host.capacity, "disk_bytes": self.disk.used,
-                    "capacity_bytes": self.capacity}
+                    "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled}
 
     def swap_figures(self) -> dict:
         with self.lock:

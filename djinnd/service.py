@@ -71,6 +71,12 @@ class Service:
             raise DjinnError("bad_params", str(e)) from None
         return self.rt.mem.figures()
 
+    def set_swap(self, enabled):
+        if not isinstance(enabled, bool):
+            raise DjinnError("bad_params", "'enabled' must be true or false")
+        self.rt.mem.swap_enabled = enabled
+        return {"swap_enabled": enabled}
+
     # -- sessions --------------------------------------------------------------------------------
     def create(self, prompt=None, token_ids=None, qos="interactive"):
         return self.rt.create(prompt=prompt, token_ids=token_ids, qos=qos).info()
@@ -124,6 +130,7 @@ class Service:
     METHODS = {
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
+        "memory.set_swap": set_swap,
         "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,

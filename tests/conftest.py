@@ -1,0 +1,102 @@
+"""Shared fixtures: a real djinnd in a subprocess, on its own short socket path."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from djinnd.client import Client, DjinnError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def djinn_cache(tmp_path_factory):
+    """One model cache for the whole run, so tiny-llama is built once."""
+    cache = tmp_path_factory.mktemp("djinn-cache")
+    os.environ["DJINN_CACHE"] = str(cache)
+    return cache
+
+
+class Daemon:
+    """djinnd started in the foreground as a child process; `stop()` ends it."""
+
+    def __init__(self, *args: str, folder: Path | None = None, env: dict | None = None):
+        # ipc paths must stay under ~100 bytes, so not pytest's long tmp_path
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="dj", dir="/tmp"))
+        self.socket = self.folder / "run" / "djinnd.sock"
+        self.logs = self.folder / "logs"
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.proc = None
+
+    def start(self, timeout: float = 60.0) -> "Daemon":
+        cmd = [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket), "--logs", str(self.logs), *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"djinnd exited {self.proc.returncode}: {self.proc.stdout.read().decode()[-2000:]}")
+            if self.socket.exists():
+                try:
+                    with self.client(timeout=2) as c:
+                        c.ping()
+                    return self
+                except DjinnError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError("djinnd did not start in time")
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def run(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run a CLI (djinn / djinnd) against this daemon."""
+        tool, *rest = argv
+        module = {"djinn": "djinnd.cli", "djinnd": "djinnd"}[tool]
+        return subprocess.run([sys.executable, "-m", module, *rest], capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, "DJINN_SOCKET": str(self.socket)}, cwd=ROOT)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def cleanup(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon():
+    """Start daemons with given arguments; all are stopped at the end of the test."""
+    started = []
+
+    def make(*args, **kw) -> Daemon:
+        d = Daemon(*args, **kw).start()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(make_daemon) -> Daemon:
+    """A daemon on the CPU with tiny-llama and default settings."""
+    return make_daemon("--device", "cpu")

@@ -1,0 +1,190 @@
+"""Issue 2: the daemon's lifecycle, its socket, and hostile input, over the real socket."""
+
+import json
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from djinnd import paths, protocol
+from djinnd.client import Client, DjinnError
+
+from conftest import ROOT, Daemon
+
+
+def test_status_then_stop_removes_socket_and_pidfile(daemon):
+    st = daemon.run("djinn", "status", "--json")
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["pid"] == daemon.proc.pid
+    assert status["device"]["kind"] == "cpu"
+    assert status["model"]["name"] == "tiny-llama" and status["model"]["num_layers"] == 8
+    assert status["sessions"] == 0 and status["socket"] == str(daemon.socket)
+    assert status["memory"]["device_bytes"] == status["model"]["weights_bytes"]
+    out = daemon.run("djinnd", "stop", "--socket", str(daemon.socket))
+    assert out.returncode == 0, out.stderr
+    assert daemon.proc.wait(10) == 0
+    assert not daemon.socket.exists()
+    assert not paths.pidfile(daemon.socket).exists()
+    assert not paths.events_socket(daemon.socket).exists()
+
+
+def test_second_start_refuses_and_first_keeps_serving(daemon):
+    second = daemon.run("djinnd", "start", "--socket", str(daemon.socket), "--device", "cpu")
+    assert second.returncode != 0
+    assert "already running" in second.stderr and str(daemon.proc.pid) in second.stderr
+    with daemon.client() as c:
+        assert c.status()["pid"] == daemon.proc.pid
+
+
+def test_kill_9_leaves_stale_files_that_the_next_start_cleans(make_daemon):
+    first = make_daemon("--device", "cpu")
+    first.proc.kill()
+    first.proc.wait()
+    assert first.socket.exists() and paths.pidfile(first.socket).exists()
+    with pytest.raises(DjinnError) as e:
+        with Client(first.socket, timeout=1) as c:
+            c.status()
+    assert e.value.code == "no_daemon" and "stale" in str(e.value)
+    second = make_daemon("--device", "cpu", folder=first.folder)
+    with second.client() as c:
+        assert c.status()["pid"] == second.proc.pid
+    assert paths.pidfile(second.socket).read_text().strip() == str(second.proc.pid)
+
+
+def test_sigterm_stops_cleanly_with_exit_code_0(daemon):
+    with daemon.client() as c:
+        sid = c.create_session(prompt="The capital of France is")
+        c.run_to(sid, layer=3)  # a paused forward must not hold the daemon up
+    t0 = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    assert not daemon.socket.exists()
+    log = daemon.proc.stdout.read().decode()
+    assert "stopped" in log
+
+
+def test_socket_folder_0700_and_sockets_0600(daemon):
+    assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths.events_socket(daemon.socket).stat().st_mode) == 0o600
+
+
+def test_systemd_notify_ready_and_stopping(tmp_path):
+    addr = f"/tmp/djn-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(addr)
+    listener.settimeout(60)
+    d = Daemon("--device", "cpu", env={"NOTIFY_SOCKET": addr})
+    try:
+        d.start()
+        assert listener.recv(256).startswith(b"READY=1")
+        d.stop()
+        assert b"STOPPING=1" in listener.recv(256)
+    finally:
+        d.cleanup()
+        listener.close()
+        os.unlink(addr)
+
+
+def test_journald_style_logs_have_no_timestamps_under_journald():
+    d = Daemon("--device", "cpu", env={"JOURNAL_STREAM": "8:123"})
+    try:
+        d.start()
+        d.stop()
+        lines = d.proc.stdout.read().decode().splitlines()
+        assert lines and all(line.startswith("<") for line in lines), lines[:3]
+        assert any(line.startswith("<6>djinnd") for line in lines)
+    finally:
+        d.cleanup()
+
+
+def test_no_daemon_is_a_clear_error(tmp_path):
+    sock = tmp_path / "none.sock"
+    with pytest.raises(DjinnError) as e:
+        with Client(sock) as c:
+            c.status()
+    assert e.value.code == "no_daemon" and str(sock) in str(e.value) and "djinnd start" in str(e.value)
+    out = subprocess.run([sys.executable, "-m", "djinnd.cli", "status", "--socket", str(sock)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+def _hostile_frames(rng: random.Random):
+    """Garbage, wrong types, huge frames, unknown methods, wrong versions, bad params."""
+    kinds = [
+        lambda: bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))),
+        lambda: b"[1,2,3]",
+        lambda: b'{"v": 1}',
+        lambda: json.dumps({"v": 1, "id": rng.random(), "method": "status"}).encode(),
+        lambda: json.dumps({"v": 99, "id": "x", "method": "status"}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": ["status"]}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "no.such.method"}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "session.get", "params": {"session": "1; DROP"}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "session.generate", "params": {"session": 1, "max_new_tokens": -5}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "session.create", "params": {"token_ids": [10**12]}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "status", "params": {"unexpected": 1}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "session.run_to", "params": {"session": 1, "layers": [{}]}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "memory.set_budget", "params": {"budget": "lots"}}).encode(),
+        lambda: json.dumps({"v": 1, "id": "x", "method": "ping", "params": "nope"}).encode(),
+        lambda: b'{"v": 1, "id": "big", "method": "ping", "params": {"pad": "' + b"a" * (protocol.MAX_FRAME + 10) + b'"}}',
+    ]
+    for i in range(1000):
+        yield kinds[i % len(kinds)]()
+
+
+def test_1000_hostile_requests_get_errors_and_the_daemon_serves_on(daemon):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(paths.endpoint(daemon.socket))
+    replies = 0
+    try:
+        for frame in _hostile_frames(random.Random(7)):
+            s.send(frame)
+            if s.poll(2000):
+                reply = json.loads(s.recv())
+                assert reply["ok"] is False and reply["error"]["code"] in {
+                    "malformed", "oversized", "bad_version", "unknown_method", "bad_params", "unknown_session",
+                    "out_of_budget"}, reply
+                replies += 1
+        s.send_multipart([b"one", b"two", b"three", b"four"])  # a request is one frame
+        if s.poll(2000):
+            assert json.loads(s.recv())["error"]["code"] == "malformed"
+    finally:
+        s.close(0)
+    assert replies >= 900  # every frame but those dropped unread (none expected at 1 MiB + a few bytes)
+    with daemon.client(timeout=5) as c:
+        assert c.status()["pid"] == daemon.proc.pid
+    assert daemon.proc.poll() is None
+
+
+def test_detach_returns_once_serving_and_stop_ends_it(tmp_path):
+    folder = Daemon().folder
+    sock = folder / "run" / "d.sock"
+    env = {**os.environ, "DJINN_SOCKET": str(sock)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--detach", "--device", "cpu", "--logs",
+                              str(folder / "logs")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "started" in out.stdout
+        with Client(sock, timeout=5) as c:
+            pid = c.status()["pid"]
+        stop = subprocess.run([sys.executable, "-m", "djinnd", "stop"], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert not sock.exists()
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+    finally:
+        subprocess.run([sys.executable, "-m", "djinnd", "stop"], capture_output=True, env=env, cwd=ROOT)
