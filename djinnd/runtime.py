@@ -36,9 +36,9 @@ class Runtime:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._act_bytes_per_token = lm.hidden_size * lm.dtype.itemsize
-        for i, layer in enumerate(lm.decoder_layers()):
-            layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
-        lm.embed().register_forward_hook(self._embed_hook)
+        self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
+                       for i, layer in enumerate(lm.decoder_layers())]
+        self._hooks.append(lm.embed().register_forward_hook(self._embed_hook))
 
     # -- sessions ------------------------------------------------------------------------------
     def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
@@ -96,6 +96,13 @@ class Runtime:
                 self.close(sid)
             except DjinnError:
                 pass
+
+    def shutdown(self) -> None:
+        """Close every session and take the hooks off the (possibly shared) model."""
+        self.close_all()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:

@@ -1,0 +1,208 @@
+"""Issue 3: one shared model, many sessions, real breakpoints inside the forward pass."""
+
+import random
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+
+from djinnd.client import DjinnError
+from djinnd.models import load_model
+from djinnd.runtime import Runtime
+from djinnd.telemetry import EventBus
+
+PROMPT = "The capital of France is"
+GEN = 6
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-llama", "cpu")
+
+
+@pytest.fixture
+def rt(lm):
+    bus = EventBus()
+    runtime = Runtime(lm, bus, budget=lm.weights_bytes + (64 << 20), host_pool=32 << 20, spill_dir=tempfile.mkdtemp())
+    yield runtime
+    runtime.shutdown()
+    bus.close()
+
+
+def reference(rt, prompt=PROMPT, n=GEN):
+    s = rt.create(prompt=prompt)
+    toks = rt.generate(s.id, n)
+    rt.close(s.id)
+    return toks
+
+
+def test_tokens_equal_when_paused_at_every_layer_in_turn(rt, lm):
+    ref = reference(rt)
+    assert len(set(ref)) > 1  # a degenerate model would make this test meaningless
+    for layer in range(lm.num_layers):
+        s = rt.create(prompt=PROMPT)
+        first = rt.run_to(s.id, [layer])
+        assert first == {"state": "paused", "layer": layer}
+        assert s.state == "paused" and s.info()["layer"] == layer
+        out = rt.resume(s.id)
+        assert out["state"] == "idle"
+        toks = [out["token"]] + rt.generate(s.id, GEN - 1)
+        assert toks == ref, f"paused at layer {layer}"
+        rt.close(s.id)
+
+
+def test_pause_at_every_layer_of_one_forward_and_on_decode_steps(rt, lm):
+    ref = reference(rt)
+    s = rt.create(prompt=PROMPT)
+    toks = []
+    for _ in range(GEN):
+        r = rt.run_to(s.id, list(range(lm.num_layers)))
+        for layer in range(lm.num_layers):
+            assert r == {"state": "paused", "layer": layer}
+            r = rt.resume(s.id)
+        toks.append(r["token"])
+    assert toks == ref
+
+
+def test_the_forward_really_stops_inside(rt, lm):
+    """While paused at layer 2, the layers after it have not run: their KV is not written yet."""
+    s = rt.create(prompt=PROMPT)
+    rt.run_to(s.id, [2])
+    n = len(s.prompt_ids)
+    assert [layer.length for layer in s.cache.layers] == [n] * 3 + [0] * (lm.num_layers - 3)
+    rt.resume(s.id)
+    assert all(layer.length == n for layer in s.cache.layers)
+
+
+def test_patch_scale_one_changes_nothing_and_zeroing_the_last_layer_does(rt, lm):
+    ref = reference(rt, n=1)
+    s = rt.create(prompt=PROMPT)
+    rt.run_to(s.id, [lm.num_layers - 1])
+    before = rt.inspect(s.id)
+    after = rt.patch(s.id, "scale", 1.0)
+    assert after == before
+    assert rt.resume(s.id)["token"] == ref[0]
+
+    s2 = rt.create(prompt=PROMPT)
+    rt.run_to(s2.id, [lm.num_layers - 1])
+    zeroed = rt.patch(s2.id, "set", 0.0)
+    assert zeroed["norm"] == 0.0 and zeroed["max"] == 0.0
+    # the final RMSNorm of zeros is zeros, so every logit is 0 and greedy picks token 0
+    with torch.no_grad():
+        logits = lm.model.lm_head(lm.model.model.norm(s2.hidden[:, -1:]))
+    assert torch.count_nonzero(logits) == 0
+    assert rt.resume(s2.id)["token"] == 0 != ref[0]
+
+
+def test_patch_at_positions_and_channels(rt):
+    s = rt.create(prompt=PROMPT)
+    rt.run_to(s.id, [3])
+    rt.patch(s.id, "set", 7.0, positions=[-1], channels=[0, 5])
+    vals = rt.inspect(s.id, positions=[-1], channels=[0, 5, 6])["values"]
+    assert vals[0][:2] == [7.0, 7.0] and vals[0][2] != 7.0
+    rt.patch(s.id, "add", [1.0, 2.0], positions=[-1], channels=[0, 5])
+    assert rt.inspect(s.id, positions=[-1], channels=[0, 5])["values"] == [[8.0, 9.0]]
+
+
+def test_bad_requests_get_clear_errors_and_leave_the_session_usable(rt, lm):
+    ref = reference(rt)
+    s = rt.create(prompt=PROMPT)
+    cases = [
+        (lambda: rt.get(999), "unknown_session"),
+        (lambda: rt.run_to(s.id, [lm.num_layers]), "bad_params"),
+        (lambda: rt.run_to(s.id, [-1]), "bad_params"),
+        (lambda: rt.run_to(s.id, []), "bad_params"),
+        (lambda: rt.resume(s.id), "bad_state"),
+        (lambda: rt.inspect(s.id), "bad_state"),
+        (lambda: rt.generate(s.id, 0), "bad_params"),
+        (lambda: rt.create(prompt=""), "bad_params"),
+        (lambda: rt.create(token_ids=[lm.vocab_size]), "bad_params"),
+        (lambda: rt.create(prompt="x", qos="vip"), "bad_params"),
+    ]
+    for call, code in cases:
+        with pytest.raises(DjinnError) as e:
+            call()
+        assert e.value.code == code and "\n" not in str(e.value)
+    rt.run_to(s.id, [4])
+    for call, code in [
+        (lambda: rt.patch(s.id, "set", [1.0, 2.0, 3.0], channels=[0, 1]), "bad_params"),
+        (lambda: rt.patch(s.id, "multiply", 2.0), "bad_params"),
+        (lambda: rt.patch(s.id, "set", 1.0, positions=[999]), "bad_params"),
+        (lambda: rt.generate(s.id, 1), "bad_state"),
+        (lambda: rt.run_to(s.id, [5]), "bad_state"),
+    ]:
+        with pytest.raises(DjinnError) as e:
+            call()
+        assert e.value.code == code
+    toks = [rt.resume(s.id)["token"]] + rt.generate(s.id, GEN - 1)
+    assert toks == ref
+
+
+def test_close_a_paused_session_ends_its_forward_and_frees_its_memory(rt, lm):
+    s = rt.create(prompt=PROMPT)
+    rt.run_to(s.id, [3])
+    thread = s.thread
+    assert rt.mem.used > lm.weights_bytes
+    rt.close(s.id)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert rt.mem.used == lm.weights_bytes
+    with pytest.raises(DjinnError):
+        rt.resume(s.id)
+
+
+def test_weights_are_counted_once_whatever_the_number_of_sessions(rt, lm):
+    sessions = [rt.create(prompt=f"{PROMPT} {i}") for i in range(5)]
+    for s in sessions:
+        rt.run_to(s.id, [1])
+    figures = rt.mem.figures()
+    assert figures["weights_bytes"] == lm.weights_bytes
+    assert figures["device_bytes"] == lm.weights_bytes + sum(s.charge for s in sessions)
+    # each session holds its KV slab and its activations, never a copy of the weights
+    assert all(0 < s.charge < lm.weights_bytes / 4 for s in sessions)
+
+
+@pytest.mark.slow
+def test_50_sessions_paused_at_once_over_the_daemon(daemon, lm):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, lm.vocab_size) for _ in range(12)] for _ in range(50)]
+    slow_status = []
+    stop = threading.Event()
+
+    def watch():
+        with daemon.client(timeout=5) as w:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                w.status()
+                slow_status.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+    with daemon.client() as c:
+        refs = []
+        for p in prompts[:10]:
+            sid = c.create_session(token_ids=p)
+            refs.append(c.generate(sid, 3))
+            c.close(sid)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            sids = []
+            for i, p in enumerate(prompts):
+                sid = c.create_session(token_ids=p)
+                assert c.run_to(sid, layer=i % 8) == {"state": "paused", "layer": i % 8}
+                sids.append(sid)
+            assert sum(s["state"] == "paused" for s in c.sessions()) == 50
+            order = list(range(50))
+            rng.shuffle(order)
+            for i in order:
+                tok = c.resume(sids[i])
+                toks = [tok] + c.generate(sids[i], 2)
+                if i < 10:
+                    assert toks == refs[i], f"session {i}"
+            assert all(s["state"] == "idle" for s in c.sessions())
+        finally:
+            stop.set()
+            watcher.join()
+    assert slow_status and max(slow_status) < 1.0
