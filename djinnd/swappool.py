@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 ALIGN = 512
-STAGING = 64 << 20  # bytes: the disk tier's bounce buffer for device memory
+STAGING = 64 << 20  # bytes: the disk tier's bounce buffer
 
 
 def u8(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -92,22 +92,17 @@ class DiskTier:
         return path
 
     def _write_all(self, fd, part: torch.Tensor):
-        if part.device.type == "cpu":
-            os.write(fd, memoryview(part.numpy())) if part.numel() else None
-            return
+        # Through a staging buffer: numpy views of a session's own storage would make it non-resizable.
         stage = self._stage()
         for start in range(0, part.numel(), STAGING):
             chunk = part[start:start + STAGING]
             stage[:chunk.numel()].copy_(chunk)
-            os.write(fd, memoryview(stage[:chunk.numel()].numpy()))
+            _write_exact(fd, stage[:chunk.numel()].numpy())
 
     def read(self, path: Path, parts: list[torch.Tensor]) -> None:
         with open(path, "rb", buffering=0) as f, self._lock:
+            stage = self._stage()
             for part in parts:
-                if part.device.type == "cpu":
-                    _read_exact(f, part.numpy())
-                    continue
-                stage = self._stage()
                 for start in range(0, part.numel(), STAGING):
                     chunk = part[start:start + STAGING]
                     _read_exact(f, stage[:chunk.numel()].numpy())
@@ -125,6 +120,12 @@ class DiskTier:
             self.folder.rmdir()
         except OSError:
             pass
+
+
+def _write_exact(fd, arr: np.ndarray) -> None:
+    view = memoryview(arr).cast("B")
+    while len(view):
+        view = view[os.write(fd, view):]
 
 
 def _read_exact(f, arr: np.ndarray) -> None:
