@@ -5,7 +5,6 @@ and `ping` are answered at once while forwards and swaps are under way.
 """
 
 import asyncio
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,10 @@ class PubSink:
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.bind(endpoint)
 
-    def write(self, events):
-        for ev in events:
+    def write(self, batch):
+        for ev, line in batch:
             try:
-                self.sock.send_multipart([ev["type"].encode(), json.dumps(ev, separators=(",", ":")).encode()],
-                                         flags=zmq.NOBLOCK)
+                self.sock.send_multipart([ev["type"].encode(), line.encode()], flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a slow subscriber loses it and sees the gap in `seq`
 

@@ -46,10 +46,10 @@ class Service:
                 "swap": mem.swap_figures(), "seq": self.bus.seq}
 
     def snapshot(self, samples: int = 600):
+        n = _int(samples, "samples")
         seq = self.bus.seq
-        events, _ = self.bus.since(max(0, seq - 500))
         return {"seq": seq, "status": self.status(), "sessions": self.rt.list_sessions(),
-                "samples": self.bus.recent_samples(_int(samples, "samples")), "events": events}
+                "samples": self.bus.recent(n, samples=True), "events": self.bus.recent(500)}
 
     def events_since(self, seq: int):
         events, lost = self.bus.since(_int(seq, "seq"))

@@ -16,10 +16,19 @@ import psutil
 log = logging.getLogger("djinnd.telemetry")
 
 
+_second = (None, "")  # the last whole second, formatted: events come thousands a second
+
+
 def utc_stamp(t: float | None = None) -> str:
     """ISO-8601 UTC with milliseconds, e.g. 2026-11-22T14:15:03.123Z."""
-    d = dt.datetime.fromtimestamp(time.time() if t is None else t, dt.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    global _second
+    t = time.time() if t is None else t
+    sec, prefix = _second
+    if sec != int(t):
+        sec = int(t)
+        prefix = dt.datetime.fromtimestamp(sec, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second = (sec, prefix)
+    return f"{prefix}{int((t - sec) * 1000):03d}Z"
 
 
 def compact_stamp() -> str:
@@ -40,7 +49,10 @@ class EventBus:
         self._thread.start()
 
     def add_sink(self, sink) -> None:
-        """A sink has write(events: list[dict]) and close(); it is only ever called from the writer thread."""
+        """A sink has write(batch) and close(); it is only ever called from the writer thread.
+
+        `batch` is a list of (event, its JSON text): each event is serialised once for every sink.
+        """
         self._sinks.append(sink)
 
     def emit(self, type: str, **fields) -> dict:
@@ -59,9 +71,10 @@ class EventBus:
         lost = max(0, oldest - seq - 1) if seq < oldest - 1 else 0
         return kept, lost
 
-    def recent_samples(self, n: int) -> list[dict]:
+    def recent(self, n: int, samples: bool = False) -> list[dict]:
+        """The last `n` samples, or the last `n` other events."""
         with self._lock:
-            return list(self.samples)[-n:] if n > 0 else []
+            return list(self.samples if samples else self.events)[-n:] if n > 0 else []
 
     def _run(self):
         while True:
@@ -72,7 +85,7 @@ class EventBus:
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            batch = [e for e in batch if e is not None]
+            batch = [(e, json.dumps(e, separators=(",", ":"))) for e in batch if e is not None]
             for sink in self._sinks:
                 try:
                     sink.write(batch)
@@ -118,7 +131,7 @@ class FileSink:
         try:
             if self._f is None:
                 self._open()
-            data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
+            data = "".join(line + "\n" for _, line in events)
             self._f.write(data)
             self._f.flush()
             self._size += len(data)
@@ -143,6 +156,8 @@ class Sampler:
         self._stop = threading.Event()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
+        self._slow: dict = {}  # process and NVML figures, refreshed at most 10 times a second
+        self._slow_at = 0.0
         self._nvml = self._nvml_handle() if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="djinn-sampler", daemon=True)
 
@@ -162,27 +177,37 @@ class Sampler:
         m = self.memory.figures()
         fields = {"used_bytes": m["device_bytes"], "budget_bytes": m["budget_bytes"], "capacity_bytes": m["capacity_bytes"],
                   "peak_bytes": m["peak_device_bytes"], "host_bytes": m["host_bytes"],
-                  "host_capacity_bytes": m["host_capacity_bytes"], "disk_bytes": m["disk_bytes"],
-                  "rss_bytes": self._proc.memory_info().rss, "cpu_percent": self._proc.cpu_percent(None)}
+                  "host_capacity_bytes": m["host_capacity_bytes"], "disk_bytes": m["disk_bytes"]}
         if self.device.type == "cuda":
             import torch
             fields["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             fields["reserved_bytes"] = torch.cuda.memory_reserved(self.device)
-            if self._nvml is not None:
-                try:
-                    import pynvml
-                    fields["nvml_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
-                    fields["gpu_util"] = pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu
-                except Exception:
-                    pass
+        now = time.monotonic()
+        if now - self._slow_at >= 0.1:
+            self._slow_at, self._slow = now, self._slow_figures()
+        fields.update(self._slow)
         return fields
 
+    def _slow_figures(self) -> dict:
+        out = {"rss_bytes": self._proc.memory_info().rss, "cpu_percent": self._proc.cpu_percent(None)}
+        if self._nvml is not None:
+            try:
+                import pynvml
+                out["nvml_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+                out["gpu_util"] = pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu
+            except Exception:  # noqa: BLE001 - a flaky NVML read just leaves the figure out
+                pass
+        return out
+
     def _run(self):
-        while not self._stop.wait(self.period):
+        due = time.monotonic()
+        while not self._stop.is_set():
             try:
                 self.bus.emit("vram", **self.sample())
             except Exception:
                 log.exception("sampler failed")
+            due = max(due + self.period, time.monotonic() - self.period)  # no burst after a stall
+            self._stop.wait(max(0.0, due - time.monotonic()))
 
     def stop(self):
         self._stop.set()
