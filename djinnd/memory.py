@@ -132,8 +132,9 @@ class MemoryManager:
     def _victims(self, requester):
         if not self.swap_enabled:
             return []
-        cands = [o for o in self.sessions.values()
-                 if o is not requester and o.charge and not o.pins and o.state in ("paused", "idle")]
+        # Whatever is not pinned may go: paused, idle, or queued for the device (it swaps back in once it
+        # holds the device). Only a session computing or being inspected is pinned.
+        cands = [o for o in self.sessions.values() if o is not requester and o.charge and not o.pins]
         return sorted(cands, key=lambda o: (o.phase != "IO_WAIT", QOS_RANK.get(o.qos, 1), o.last_used))
 
     # -- swapping -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The daemon's request handlers: method name -> runtime call, with parameters checked on the way."""
 
+import inspect
 import os
 import time
 
@@ -25,11 +26,10 @@ class Service:
         if fn is None:
             raise DjinnError("unknown_method", f"unknown method {method!r}")
         try:
-            return fn(self, **params)
+            inspect.signature(fn).bind(self, **params)
         except TypeError as e:
-            if "argument" in str(e):
-                raise DjinnError("bad_params", f"{method}: {e}".replace(f"{fn.__name__}() ", "")) from None
-            raise
+            raise DjinnError("bad_params", f"{method}: {e}") from None
+        return fn(self, **params)
 
     # -- daemon ----------------------------------------------------------------------------------
     def ping(self):
