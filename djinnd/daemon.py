@@ -140,7 +140,7 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
     try:
         ctx = zmq.Context.instance()
         bus.add_sink(PubSink(ctx, paths.endpoint(events_sock)))
-        service = Service(rt, bus, sock, events_sock, ScenarioRuns(sock, logs_dir, bus))
+        service = Service(rt, bus, sock, events_sock, ScenarioRuns(sock, logs_dir, bus), logs_dir)
         server = Server(service, paths.endpoint(sock))
     finally:
         os.umask(old_umask)

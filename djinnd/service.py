@@ -14,8 +14,9 @@ SLOW = {"session.generate", "session.run_to", "session.resume", "session.inspect
 
 
 class Service:
-    def __init__(self, runtime, bus, socket_path, events_path, scenarios=None):
+    def __init__(self, runtime, bus, socket_path, events_path, scenarios=None, logs_dir=None):
         self.rt, self.bus = runtime, bus
+        self.logs_dir = str(logs_dir) if logs_dir else None
         self.socket_path, self.events_path = str(socket_path), str(events_path)
         self.scenarios = scenarios
         self.started = time.monotonic()
@@ -41,7 +42,8 @@ class Service:
         device = {"kind": dev.type, "name": _device_name(dev), "index": dev.index, "dtype": str(lm.dtype).removeprefix("torch."),
                   "capacity_bytes": mem.capacity}
         return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.monotonic() - self.started, 3),
-                "socket": self.socket_path, "events_socket": self.events_path, "device": device,
+                "socket": self.socket_path, "events_socket": self.events_path, "logs_dir": self.logs_dir,
+                "device": device,
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
                 "swap": mem.swap_figures(), "seq": self.bus.seq}
 
