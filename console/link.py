@@ -1,0 +1,158 @@
+"""The console's one connection to djinnd, run as a Textual worker: attach, follow, reattach.
+
+Clone pattern (zguide clonesrv5): subscribe to the PUB stream first, then take a snapshot, then
+drop stream events the snapshot already held (seq ≤ its seq). Events are batched and posted at most
+ten times a second, so a storm of 10,000 events/s costs the UI ten messages. A status + session
+poll every second doubles as the liveness check; when it fails we say so and retry every second.
+"""
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from djinnd.client import AsyncClient, DjinnError
+from djinnd.daemon import is_locked
+
+from .messages import Attached, Catalog, Detached, EventBatch, Polled, Runs
+
+RPC_TIMEOUT = 2.0  # seconds: the daemon answers status/snapshot at once, even when busy
+POLL_EVERY = 1.0
+BATCH_EVERY = 0.1
+MAX_DRAIN = 20_000
+HISTORY_SEQS = 20_000  # how far back in seq the console reads events when it attaches
+
+
+class Gone(Exception):
+    """The daemon stopped answering."""
+
+
+async def rpc(socket: Path, method: str, timeout: float = RPC_TIMEOUT, **params):
+    """One request on a fresh DEALER, bounded by `timeout` even when the send itself would block.
+
+    A fresh socket per call keeps concurrent callers from reading each other's replies.
+    """
+    client = AsyncClient(socket, timeout=timeout)
+    try:
+        return await asyncio.wait_for(client.call(method, **params), timeout + 0.5)
+    except asyncio.TimeoutError:
+        raise DjinnError("timeout", f"{method}: no reply from {socket} within {timeout:.0f} s") from None
+    finally:
+        client.close_socket()
+
+
+class Link:
+    """Follows one socket for ever; `post` receives the messages (the app's post_message)."""
+
+    def __init__(self, socket: Path, post: Callable):
+        self.socket = Path(socket)
+        self.post = post
+        self.attached = False
+
+    async def run(self):
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever went wrong, the console stays up and retries
+                self.post(Detached(str(self.socket), _reason(e), self.attached))
+            self.attached = False
+            await asyncio.sleep(POLL_EVERY)
+
+    async def _follow(self):
+        status = await rpc(self.socket, "status")
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 200_000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{status['events_socket']}")
+        try:
+            await asyncio.sleep(0.05)  # let the subscription reach the publisher before the snapshot
+            snap = await rpc(self.socket, "snapshot", samples=6000)
+            snap["events"] = await self._history(snap)
+            self.attached = True
+            self.post(Attached(str(self.socket), snap))
+            await self._side_info()
+            await self._stream(sub, snap["seq"])
+        finally:
+            sub.close(0)
+
+    async def _history(self, snap: dict) -> list[dict]:
+        """The snapshot holds the last 500 seqs (under a minute at 10 samples/s): fetch more swap history."""
+        try:
+            got = await rpc(self.socket, "events.since", timeout=5, seq=max(0, snap["seq"] - HISTORY_SEQS))
+        except DjinnError:
+            return snap["events"]
+        merged = {e["seq"]: e for e in got["events"] if e["seq"] <= snap["seq"]}
+        merged.update((e["seq"], e) for e in snap["events"])
+        return [merged[k] for k in sorted(merged)]
+
+    async def _side_info(self):
+        """Scenario catalog and runs: optional, so a failure is shown, never fatal."""
+        try:
+            self.post(Catalog((await rpc(self.socket, "scenario.list"))["scenarios"]))
+        except DjinnError as e:
+            if e.code in ("no_daemon", "timeout"):
+                raise
+            self.post(Catalog(error=str(e)))
+        try:
+            self.post(Runs((await rpc(self.socket, "scenario.runs"))["runs"]))
+        except DjinnError as e:
+            if e.code in ("no_daemon", "timeout"):
+                raise
+
+    async def _stream(self, sub, last_seq: int):
+        batch: list[dict] = []
+        lost = 0
+        sent = polled = time.monotonic()
+        while True:
+            if await sub.poll(int(BATCH_EVERY * 1000)):
+                for _ in range(MAX_DRAIN):
+                    try:
+                        _, body = await sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    ev = json.loads(body)
+                    seq = ev.get("seq", 0)
+                    if seq <= last_seq:
+                        continue
+                    if seq > last_seq + 1:
+                        missing, n_lost = await self._repair(last_seq, seq)
+                        batch += missing
+                        lost += n_lost
+                    batch.append(ev)
+                    last_seq = seq
+            now = time.monotonic()
+            if batch and now - sent >= BATCH_EVERY:
+                self.post(EventBatch(batch, lost))
+                batch, lost, sent = [], 0, now
+            if now - polled >= POLL_EVERY:
+                polled = now
+                await self.poll()
+
+    async def _repair(self, last_seq: int, seq: int) -> tuple[list[dict], int]:
+        """Fetch the non-sample events of a gap; samples are not kept, so those count as lost."""
+        got = await rpc(self.socket, "events.since", seq=last_seq)
+        missing = [e for e in got["events"] if last_seq < e["seq"] < seq]
+        return missing, (seq - last_seq - 1) - len(missing)
+
+    async def poll(self):
+        if self.socket.exists() and not is_locked(self.socket):
+            # the daemon holds its pidfile lock for life: unlocked means it died, whatever the socket says
+            raise Gone(f"djinnd on {self.socket} is gone (it left a stale socket)")
+        try:
+            status = await rpc(self.socket, "status")
+            sessions = (await rpc(self.socket, "session.list"))["sessions"]
+        except DjinnError as e:
+            raise Gone(str(e)) from None
+        self.post(Polled(status, sessions))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    return text.split(" (", 1)[0] if isinstance(e, DjinnError) and e.code == "no_daemon" else text
