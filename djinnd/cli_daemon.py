@@ -27,6 +27,9 @@ def start(
     sample_hz: float = typer.Option(10.0, "--sample-hz", help="memory samples per second"),
     qos: str = typer.Option("on", help="on: serve realtime > interactive > batch; off: first come first served"),
     escalation_ms: float = typer.Option(None, "--escalation-ms", help="serve a request waiting this long ahead of its class"),
+    qos_shares: str = typer.Option(None, "--qos-shares", help="share device time by class, e.g. realtime=0.1,interactive=0.7,batch=0.2 (default: strict priority)"),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", help="at most N sessions with a forward in flight"),
+    lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
     from .daemon import is_locked, read_pid, run_foreground, start_detached
@@ -40,6 +43,15 @@ def start(
                 _fail(f"{name}: {e}", 2)
     if qos not in ("on", "off"):
         _fail("--qos must be on or off", 2)
+    shares = None
+    if qos_shares is not None:
+        from .scheduler import parse_shares
+        try:
+            shares = parse_shares(qos_shares)
+        except ValueError as e:
+            _fail(f"--qos-shares: {e}", 2)
+    if max_concurrency < 1:
+        _fail("--max-concurrency must be at least 1", 2)
     if is_locked(sock):
         _fail(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); stop it with `djinnd stop` first")
     logs_dir = (logs or paths.default_logs_dir()).absolute()
@@ -56,7 +68,8 @@ def start(
         typer.echo(f"djinnd started (pid {pid}) on {sock}")
         return
     code = run_foreground(sock, device, model, vram_budget, host_pool, dtype, logs_dir, spill_dir, sample_hz,
-                          qos_fcfs=qos == "off", escalation_ms=escalation_ms)
+                          qos_fcfs=qos == "off", escalation_ms=escalation_ms, qos_shares=shares,
+                          max_concurrency=max_concurrency, lifo=lifo)
     raise typer.Exit(code)
 
 

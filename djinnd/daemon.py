@@ -100,7 +100,8 @@ def default_host_pool(device) -> int:
 
 def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None, host_pool: str | None,
                    dtype: str | None, logs_dir: Path, spill_dir: Path | None, sample_hz: float,
-                   qos_fcfs: bool = False, escalation_ms: float | None = None) -> int:
+                   qos_fcfs: bool = False, escalation_ms: float | None = None, qos_shares: dict | None = None,
+                   max_concurrency: int = 1, lifo: bool = False) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
     logsetup.setup()
     prepare_folder(sock)
@@ -118,6 +119,9 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
     events_sock = paths.events_socket(sock)
     try:
         dev = resolve_device(device)
+        if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            import torch
+            torch.set_num_threads(1)  # sessions compute one at a time; more intra-op threads only contend
         t0 = time.monotonic()
         lm = load_model(model, dev, parse_dtype(dtype))
         capacity = default_capacity(dev)
@@ -126,7 +130,8 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
         bus = EventBus()
         bus.add_sink(FileSink(logs_dir / "daemon", bus))
         rt = Runtime(lm, bus, budget, pool, spill_dir or sock.parent / f"spill-{os.getpid()}", capacity,
-                     DeviceLock(fcfs=qos_fcfs, escalation_s=escalation_ms / 1000 if escalation_ms else None))
+                     DeviceLock(fcfs=qos_fcfs, escalation_s=escalation_ms / 1000 if escalation_ms else None,
+                                shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo))
     except (ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         _cleanup(sock, lock_fd)

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from .memory import MemoryManager
+from .prefetch import Prefetcher
 from .protocol import DjinnError
 from .scheduler import DeviceLock
 from .session import Aborted, Session, check_qos
@@ -39,6 +40,9 @@ class Runtime:
         self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
                        for i, layer in enumerate(lm.decoder_layers())]
         self._hooks.append(lm.embed().register_forward_hook(self._embed_hook))
+        self.prefetch = Prefetcher(self.mem, bus)  # phase hints: early swap-out, prefetch before wake-up
+        self._hooks += self.prefetch.watch_forwards(lm, _running.get)
+        self.prefetch.start()
 
     # -- sessions ------------------------------------------------------------------------------
     def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
@@ -98,8 +102,9 @@ class Runtime:
                 pass
 
     def shutdown(self) -> None:
-        """Close every session and take the hooks off the (possibly shared) model."""
+        """Close every session, stop the prefetcher and take the hooks off the (possibly shared) model."""
         self.close_all()
+        self.prefetch.stop()
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -356,11 +361,17 @@ class Runtime:
         s = self.get(sid)
         if phase not in ("IO_WAIT", "COMPUTE"):
             raise DjinnError("bad_params", f"unknown phase {phase!r} (choose IO_WAIT or COMPUTE)")
-        if expected_ms is not None and (not isinstance(expected_ms, (int, float)) or isinstance(expected_ms, bool) or expected_ms < 0):
+        if expected_ms is not None and (not isinstance(expected_ms, (int, float)) or isinstance(expected_ms, bool)
+                                        or not 0 <= expected_ms < float("inf")):
             raise DjinnError("bad_params", "'expected_ms' must be a non-negative number")
+        now = time.monotonic()
         s.phase = phase
-        s.expected_wake = time.monotonic() + expected_ms / 1000 if (phase == "IO_WAIT" and expected_ms is not None) else None
+        s.expected_wake = now + expected_ms / 1000 if (phase == "IO_WAIT" and expected_ms is not None) else None
         self._event(s, "phase", phase=phase, expected_ms=expected_ms)
+        if phase == "IO_WAIT":  # first to leave the device (at once under pressure), back before it is due
+            self.prefetch.io_wait(s, expected_ms, now)
+        else:  # back on the device now if it is out; a no-op when resident
+            self.prefetch.compute(s)
         return s.info()
 
     # -- status --------------------------------------------------------------------------------------

@@ -1,6 +1,24 @@
-"""Who runs on the device next: one forward segment at a time, highest QoS class first."""
+"""Who runs on the device next.
 
-import heapq
+A forward segment (a forward from its start, or from a resume, to its end or its next breakpoint)
+holds one of `max_concurrency` device slots. When a slot frees, the lock itself picks the waiter
+to hand it to, in this order:
+
+1. `fcfs`: the oldest waiter, classes ignored (the baseline a QoS run is compared with).
+2. escalation: a waiter older than `escalation_s`, oldest first, ahead of every class, so batch
+   work is never starved.
+3. the class: strict priority realtime > interactive > batch; or, with `shares`, the class with
+   the least device time per unit of share (stride scheduling, below).
+4. within the class: oldest first; with `lifo`, newest first while overloaded (more waiters than
+   slots): under overload the oldest are late already, and serving the newest keeps more on time.
+
+Shares (stride scheduling by class): each class has a `pass`, advanced on release by the device
+time its segment held divided by its share, and the class with the lowest pass goes next (ties by
+priority). A class that had nothing queued starts again at the pass of the last class served, so
+an idle class banks no credit. Classes that ask for less than their share are served at once;
+those that ask for more split the device in proportion to their shares.
+"""
+
 import itertools
 import threading
 import time
@@ -9,51 +27,143 @@ QOS_CLASSES = ("realtime", "interactive", "batch")
 _RANK = {"realtime": 0, "interactive": 1, "batch": 2}
 
 
+def parse_shares(text: str) -> dict[str, float]:
+    """`realtime=0.1,interactive=0.7,batch=0.2` -> shares normalised to sum 1; ValueError if bad."""
+    shares = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in _RANK:
+            raise ValueError(f"bad share {part!r}: write CLASS=WEIGHT with CLASS one of {', '.join(QOS_CLASSES)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"bad share {part!r}: {value.strip()!r} is not a number") from None
+        if not w > 0 or w == float("inf"):
+            raise ValueError(f"bad share {part!r}: the weight must be a positive number")
+        shares[name] = w
+    missing = [c for c in QOS_CLASSES if c not in shares]
+    if missing:
+        raise ValueError(f"give a share for every class (missing: {', '.join(missing)})")
+    total = sum(shares.values())
+    return {c: shares[c] / total for c in QOS_CLASSES}
+
+
+class _Waiter:
+    __slots__ = ("qos", "arrived", "n", "granted")
+
+    def __init__(self, qos: str, arrived: float, n: int):
+        self.qos, self.arrived, self.n, self.granted = qos, arrived, n, False
+
+
 class DeviceLock:
-    """A lock granted by QoS class, first come first served within a class.
+    """A lock of `max_concurrency` slots granted by QoS class (see the module docstring)."""
 
-    `fcfs=True` ignores the classes (the baseline a QoS run is compared with). A waiter older than
-    `escalation_s` is served ahead of its class, so batch work is never starved.
-    """
-
-    def __init__(self, fcfs: bool = False, escalation_s: float | None = None):
-        self.fcfs, self.escalation_s = fcfs, escalation_s
+    def __init__(self, fcfs: bool = False, escalation_s: float | None = None, shares: dict | None = None,
+                 max_concurrency: int = 1, lifo: bool = False, clock=time.monotonic):
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError("max_concurrency must be an int >= 1")
+        if shares is not None and (set(shares) != set(QOS_CLASSES) or not all(v > 0 for v in shares.values())):
+            raise ValueError(f"shares must give a positive weight to each of {', '.join(QOS_CLASSES)}")
+        self.fcfs, self.escalation_s, self.shares = fcfs, escalation_s, shares
+        self.max_concurrency, self.lifo, self._clock = max_concurrency, lifo, clock
         self._cond = threading.Condition()
-        self._held = False
-        self._owner: int | None = None
-        self._waiting: list = []
+        self._waiting: list[_Waiter] = []
+        self._holders: dict[int, tuple[str, float]] = {}  # thread id -> (class, granted at)
+        self._in_flight = 0  # granted slots, counted from the grant (before the thread wakes)
         self._order = itertools.count()
+        self._pass = {c: 0.0 for c in QOS_CLASSES}
+        self._vtime = 0.0  # the pass of the class served last
+        self.served = {c: 0 for c in QOS_CLASSES}
+        self.busy_s = {c: 0.0 for c in QOS_CLASSES}
 
-    def _key(self, qos: str, arrived: float, n: int):
-        rank = 0 if self.fcfs else _RANK.get(qos, 1)
-        return (rank, arrived, n)
+    def configure(self, **settings) -> dict:
+        """Change fcfs, escalation_s, shares, max_concurrency or lifo on a live lock (a scenario's A/B
+        run); waiters already queued are chosen by the new policy from the next grant on."""
+        unknown = set(settings) - {"fcfs", "escalation_s", "shares", "max_concurrency", "lifo"}
+        if unknown:
+            raise ValueError(f"unknown scheduler setting(s): {', '.join(sorted(unknown))}")
+        probe = {k: getattr(self, k) for k in ("fcfs", "escalation_s", "shares", "max_concurrency", "lifo")}
+        DeviceLock(**{**probe, **settings})  # validates
+        with self._cond:
+            for k, v in settings.items():
+                setattr(self, k, v)
+            self._dispatch()
+        return self.figures()
 
     def acquire(self, qos: str = "interactive") -> None:
+        qos = qos if qos in _RANK else "interactive"
         with self._cond:
-            me = self._key(qos, time.monotonic(), next(self._order))
-            heapq.heappush(self._waiting, me)
-            while self._held or self._first() != me:
-                self._cond.wait(0.05 if self.escalation_s else None)
-            heapq.heappop(self._waiting) if self._waiting[0] == me else self._waiting.remove(me)
-            heapq.heapify(self._waiting)
-            self._held, self._owner = True, threading.get_ident()
-
-    def held_by_me(self) -> bool:
-        return self._held and self._owner == threading.get_ident()
-
-    def _first(self):
-        """The waiter to serve next: an escalated one (oldest first) before the class order."""
-        if self.escalation_s is not None:
-            now = time.monotonic()
-            late = [w for w in self._waiting if now - w[1] >= self.escalation_s]
-            if late:
-                return min(late, key=lambda w: w[1])
-        return self._waiting[0]
+            if self.shares and not self._active(qos):
+                self._pass[qos] = max(self._pass[qos], self._vtime)
+            me = _Waiter(qos, self._clock(), next(self._order))
+            self._waiting.append(me)
+            self._dispatch()
+            while not me.granted:
+                self._cond.wait()
+            self._holders[threading.get_ident()] = (qos, self._clock())
 
     def release(self) -> None:
         with self._cond:
-            self._held, self._owner = False, None
+            held = self._holders.pop(threading.get_ident(), None)
+            if held is None:
+                raise RuntimeError("release of a DeviceLock slot this thread does not hold")
+            qos, since = held
+            dt = max(0.0, self._clock() - since)
+            self.busy_s[qos] += dt
+            if self.shares:
+                self._pass[qos] += dt / self.shares[qos]
+            self._in_flight -= 1
+            self._dispatch()
+
+    def held_by_me(self) -> bool:
+        with self._cond:
+            return threading.get_ident() in self._holders
+
+    def figures(self) -> dict:
+        """The policy and its counters, for `status`."""
+        with self._cond:
+            policy = "fcfs" if self.fcfs else "shares" if self.shares else "priority"
+            return {"policy": policy, "max_concurrency": self.max_concurrency, "lifo": self.lifo,
+                    "escalation_ms": None if self.escalation_s is None else self.escalation_s * 1000,
+                    "shares": dict(self.shares) if self.shares else None, "in_flight": self._in_flight,
+                    "waiting": {c: sum(w.qos == c for w in self._waiting) for c in QOS_CLASSES},
+                    "served": dict(self.served), "busy_s": {c: round(v, 6) for c, v in self.busy_s.items()}}
+
+    # -- choosing ----------------------------------------------------------------------------------
+    def _active(self, qos: str) -> bool:
+        return any(w.qos == qos for w in self._waiting) or any(q == qos for q, _ in self._holders.values())
+
+    def _dispatch(self) -> None:
+        """Hand free slots to the chosen waiters; they wake and find themselves granted."""
+        granted = False
+        while self._in_flight < self.max_concurrency and self._waiting:
+            w = self._pick()
+            self._waiting.remove(w)
+            w.granted, granted = True, True
+            self._in_flight += 1
+            self.served[w.qos] += 1
+            if self.shares:
+                self._vtime = max(self._vtime, self._pass[w.qos])
+        if granted:
             self._cond.notify_all()
+
+    def _pick(self) -> _Waiter:
+        ws = self._waiting
+        if not self.fcfs:
+            if self.escalation_s is not None:
+                now = self._clock()
+                late = [w for w in ws if now - w.arrived >= self.escalation_s]
+                if late:
+                    return min(late, key=lambda w: w.n)
+            present = {w.qos for w in ws}
+            if self.shares:
+                cls = min(present, key=lambda c: (self._pass[c], _RANK[c]))
+            else:
+                cls = min(present, key=_RANK.__getitem__)
+            ws = [w for w in ws if w.qos == cls]
+        newest_first = self.lifo and len(self._waiting) > self.max_concurrency
+        return (max if newest_first else min)(ws, key=lambda w: w.n)
 
     def __enter__(self):
         self.acquire()

@@ -45,7 +45,7 @@ class Service:
                 "socket": self.socket_path, "events_socket": self.events_path, "logs_dir": self.logs_dir,
                 "device": device,
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
-                "swap": mem.swap_figures(), "seq": self.bus.seq}
+                "swap": mem.swap_figures(), "scheduler": self.rt.device_lock.figures(), "seq": self.bus.seq}
 
     def snapshot(self, samples: int = 600):
         n = _int(samples, "samples")
@@ -78,6 +78,19 @@ class Service:
             raise DjinnError("bad_params", "'enabled' must be true or false")
         self.rt.mem.swap_enabled = enabled
         return {"swap_enabled": enabled}
+
+    def scheduler_set(self, fcfs=None, shares=None, max_concurrency=None, lifo=None, escalation_ms=False):
+        """Change the QoS policy live (the qos scenario compares it with first-come-first-served)."""
+        from .scheduler import parse_shares
+        kw = {k: v for k, v in (("fcfs", fcfs), ("max_concurrency", max_concurrency), ("lifo", lifo)) if v is not None}
+        try:
+            if shares is not None:
+                kw["shares"] = None if shares == "" else parse_shares(shares) if isinstance(shares, str) else shares
+            if escalation_ms is not False:
+                kw["escalation_s"] = escalation_ms / 1000 if escalation_ms else None
+            return self.rt.device_lock.configure(**kw)
+        except (ValueError, TypeError) as e:
+            raise DjinnError("bad_params", str(e)) from None
 
     # -- sessions --------------------------------------------------------------------------------
     def create(self, prompt=None, token_ids=None, qos="interactive"):
@@ -132,7 +145,7 @@ class Service:
     METHODS = {
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
-        "memory.set_swap": set_swap,
+        "memory.set_swap": set_swap, "scheduler.set": scheduler_set,
         "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,

