@@ -181,10 +181,7 @@ def logs_tail(socket: str = SocketOpt, samples: bool = typer.Option(False, "--sa
 
 
 def _add_scenarios():
-    try:
-        from scenarios.cli import app as scenario_app
-    except ImportError:
-        return
+    from scenarios.cli import app as scenario_app
     app.add_typer(scenario_app, name="scenario")
 
 

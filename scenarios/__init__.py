@@ -1,0 +1,1 @@
+"""Scenarios: one TOML file each (catalog.py reads them) and a runner module each; `djinn scenario` is cli.py."""

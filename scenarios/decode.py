@@ -1,0 +1,137 @@
+"""decode: the cost of decoding through djinnd against the same model decoding in-process.
+
+Through the daemon one session decodes with one generate(sid, 1) call per token (each token pays
+a round trip) and then with one generate(sid, n) call; in this process the same checkpoint, device
+and dtype decode with a plain greedy loop over a transformers DynamicCache, in the main thread and in a worker
+thread (the faster counts, as torch's CPU threading differs between them). Runs alternate, after
+one warm-up of each; the ratio is the median of each run's ratio to the in-process run beside it.
+"""
+
+import threading
+import time
+
+from djinnd.sizes import format_size
+
+from .common import capacity_math, median, pct, prompt_ids, vocab_of
+
+
+def needs_daemon(p: dict) -> bool:
+    return True
+
+
+def run(ctx, p: dict):
+    import torch
+    from transformers import DynamicCache
+
+    from djinnd.models import PRESETS, TINY, load_model, parse_dtype
+
+    c = ctx.client
+    st = ctx.status()
+    model = st["model"]
+    ctx.check_model(p["model"], model["name"])
+    n, reps = p["tokens"], p["repeats"]
+    ids = prompt_ids(p["seed"], 0, p["prompt_len"], vocab_of(model))
+    ctx.budget = st["memory"]["budget_bytes"]
+    math = capacity_math(model, 1, p["prompt_len"] + n + 1, ctx.budget)
+    dev = st["device"]
+    device = f"cuda:{dev['index'] or 0}" if dev["kind"] == "cuda" else "cpu"
+    source = model["name"] if model["name"] in PRESETS or model["name"] == TINY else (model["path"] or model["name"])
+    ctx.say(f"decode: {n} tokens after a {p['prompt_len']}-token prompt, {reps} runs of each way; "
+            f"loading {model['name']} in-process on {device} ({dev['dtype']}) for the in-process side")
+    lm = load_model(source, device, parse_dtype(dev["dtype"]))
+    sessions = 0
+
+    def djinn(one_call: bool, count: int):
+        nonlocal sessions
+        sid = ctx.create_session(token_ids=ids)
+        sessions += 1
+        toks = c.generate(sid, 1)  # the prefill, not timed
+        lat = []
+        if one_call:
+            t0 = time.perf_counter()
+            toks += c.generate(sid, count)
+            lat = [(time.perf_counter() - t0) / count] * count
+        else:
+            for _ in range(count):
+                t0 = time.perf_counter()
+                toks += c.generate(sid, 1)
+                lat.append(time.perf_counter() - t0)
+        ctx.close_session(sid)
+        return toks, lat
+
+    def in_process(count: int):
+        cache = DynamicCache(config=lm.model.config)
+        step = torch.tensor([ids], device=device)
+        toks, lat = [], []
+        with torch.no_grad():
+            for k in range(count + 1):
+                t0 = time.perf_counter()
+                out = lm.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = int(out.logits[0, -1].argmax())  # int() waits for the device, as the daemon's does
+                if k:  # the prefill is not timed
+                    lat.append(time.perf_counter() - t0)
+                toks.append(tok)
+                step = torch.tensor([[tok]], device=device)
+        return toks, lat
+
+    def in_thread(count: int):  # as the daemon computes: a worker thread (torch's threading differs there)
+        out = []
+        t = threading.Thread(target=lambda: out.append(in_process(count)))
+        t.start()
+        t.join()
+        return out[0]
+
+    ways = {"djinn_per_call": lambda k: djinn(False, k), "djinn_one_call": lambda k: djinn(True, k),
+            "in_process": in_process, "in_process_thread": in_thread}
+    for fn in ways.values():  # warm-up: first-call costs stay out of the figures
+        fn(min(4, n))
+    ctx.begin()
+    runs = {w: [] for w in ways}
+    for r in range(reps):
+        for w, fn in ways.items():
+            runs[w].append(fn(n))
+        ctx.progress(r + 1, reps, f"run {r + 1}: " + ", ".join(
+            f"{w} {n / sum(runs[w][-1][1]):.0f} tok/s" for w in ways))
+
+    figures = {}
+    for w, rs in runs.items():
+        tps = [n / sum(lat) for _, lat in rs]
+        lat_ms = [x * 1000 for _, lat in rs for x in lat]
+        figures[w] = {"tokens_per_s": round(median(tps), 2), "runs_tokens_per_s": [round(x, 2) for x in tps],
+                      "latency_ms": {"p50": pct(lat_ms, 50), "p99": pct(lat_ms, 99),
+                                     "mean": round(sum(lat_ms) / len(lat_ms), 3)}}
+    # in-process is the faster of the main-thread and worker-thread loops, run by run: djinn is held to the best
+    best = [max(a, b) for a, b in zip(figures["in_process"]["runs_tokens_per_s"],
+                                      figures["in_process_thread"]["runs_tokens_per_s"])]
+    base = round(median(best), 2)
+
+    def paired(way):  # each run against the in-process runs beside it, so drift in the machine's load cancels
+        return round(median([d / b for d, b in zip(figures[way]["runs_tokens_per_s"], best)]), 3)
+    ratio, ratio_one = paired("djinn_per_call"), paired("djinn_one_call")
+    reference = runs["in_process"][0][0]
+    djinn_runs = runs["djinn_per_call"] + runs["djinn_one_call"]
+    mismatches = sum(toks != reference for toks, _ in djinn_runs)
+    min_ratio = ctx.scenario.criteria["throughput"]["min_ratio"]
+
+    m = ctx.measure()
+    crit = ctx.scenario.criteria
+    criteria = [
+        {"id": "throughput", "text": crit["throughput"]["text"], "ok": ratio >= min_ratio,
+         "measured": f"ratio {ratio:.3f} (djinn {figures['djinn_per_call']['tokens_per_s']:.1f} tok/s per call, "
+                     f"{figures['djinn_one_call']['tokens_per_s']:.1f} in one call; in-process {base:.1f}); "
+                     f"needs {min_ratio}"},
+        {"id": "tokens_match", "text": crit["tokens_match"]["text"], "ok": mismatches == 0,
+         "measured": f"{mismatches} of {len(djinn_runs)} djinn runs differ from in-process"},
+    ]
+    ctx.say(f"decode: djinn per call {figures['djinn_per_call']['tokens_per_s']} tok/s "
+            f"(p50 {figures['djinn_per_call']['latency_ms']['p50']} ms), one call "
+            f"{figures['djinn_one_call']['tokens_per_s']} tok/s, in-process {base} tok/s "
+            f"(p50 {figures['in_process']['latency_ms']['p50']} ms); weights {format_size(model['weights_bytes'])}")
+    body = {"decode": {**figures, "in_process_best_tokens_per_s": base, "tokens": n, "prompt_len": p["prompt_len"],
+                       "repeats": reps,
+                       "ratio": ratio, "ratio_one_call": ratio_one, "min_ratio": min_ratio},
+            "ratio": ratio, "capacity_math": math, "num_sessions_requested": sessions,
+            "num_sessions_spawned": sessions, "num_sessions_completed": sessions,
+            "integrity": {"checked_sessions": len(djinn_runs), "mismatches": mismatches},
+            "headline": {"ratio": ratio, "ratio_one_call": ratio_one}, **m}
+    return body, criteria

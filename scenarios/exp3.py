@@ -1,0 +1,175 @@
+"""exp3: white-box debugging under memory pressure (see exp3.toml).
+
+N sessions pause at layer breakpoints inside their forward pass and stay paused while more
+spawn, so demand exceeds the budget and the daemon must swap paused sessions out; then all of
+them resume and their tokens are compared with the same prompts run unpaused.
+"""
+
+from djinnd.client import DjinnError
+from djinnd.sizes import format_size
+from djinnd.telemetry import utc_stamp
+
+from .common import Skip, breakpoints, capacity_math, math_lines, prompt_ids, vocab_of
+
+
+def needs_daemon(p: dict) -> bool:
+    return p["baseline"] == "none"
+
+
+def resolve_budget(p: dict, model: dict, daemon_budget: int) -> int:
+    """auto: weights + budget_fraction of the N sessions' bytes; daemon: its own; else the SIZE given."""
+    if p["budget"] == "auto":
+        m = capacity_math(model, p["sessions"], p["prompt_len"], 0)
+        return m["weights_bytes"] + int(p["budget_fraction"] * p["sessions"] * m["bytes_per_session"])
+    if p["budget"] == "daemon":
+        return daemon_budget
+    return p["budget"]
+
+
+def plan(ctx, p: dict, model: dict, daemon_budget: int) -> tuple[list[int], dict]:
+    """Breakpoints and the capacity math, printed; Skip when not even one session fits."""
+    layers = breakpoints(p["breakpoints"], model["num_layers"])
+    budget = resolve_budget(p, model, daemon_budget)
+    math = capacity_math(model, p["sessions"], p["prompt_len"], budget)
+    ctx.say(f"capacity math: {model['name']} ({model.get('dtype')}, {model['num_layers']} layers), "
+            f"{p['sessions']} sessions of {p['prompt_len']} tokens paused at layers {layers}")
+    for line in math_lines(math, format_size):
+        ctx.say("  " + line)
+    one = math["weights_bytes"] + math["bytes_per_session"]
+    if budget < one:
+        raise Skip(f"budget {format_size(budget)} is too small for even one session: weights "
+                   f"{format_size(math['weights_bytes'])} + one session {format_size(math['bytes_per_session'])}"
+                   f" = {format_size(one)}")
+    return layers, math
+
+
+def run_to_last_breakpoint(c, sid: int, layers: list[int]) -> list[dict]:
+    """Run the session's prompt to each breakpoint in turn, inspecting the hidden state at every pause."""
+    r, pauses = c.run_to(sid, layers=layers), []
+    while True:
+        s = c.inspect(sid)
+        pauses.append({k: s[k] for k in ("layer", "mean", "std", "norm")})
+        if r.get("layer") == layers[-1]:
+            return pauses
+        r = c.call("session.resume", session=sid)
+
+
+def finish(c, sid: int, gen_tokens: int) -> list[int]:
+    """Resume a paused session to the end of its forward, then generate more: every token it produced."""
+    r = c.call("session.resume", session=sid)
+    while r["state"] == "paused":
+        r = c.call("session.resume", session=sid)
+    return [r["token"]] + (c.generate(sid, gen_tokens) if gen_tokens else [])
+
+
+def run(ctx, p: dict):
+    if p["baseline"] == "hold-all":
+        from .baseline import hold_all
+        return hold_all(ctx, p)
+    c = ctx.client
+    st = ctx.status()
+    model = st["model"]
+    ctx.check_model(p["model"], model["name"])
+    if st["sessions"]:
+        ctx.note(f"the daemon already holds {st['sessions']} other sessions; they share the budget")
+    layers, math = plan(ctx, p, model, st["memory"]["budget_bytes"])
+    ctx.set_budget(math["budget_bytes"])
+    if not p["swap"]:
+        ctx.set_swap(False)
+    ctx.begin()
+    n, vocab = p["sessions"], vocab_of(model)
+    total = 2 * n
+    swap0 = ctx.status()["swap"]["swap_outs"]
+    reasons, paused, progression, records = [], [], [], []
+    first_swap_at, charged = None, None
+
+    # spawn: each session runs to its breakpoints, inspected at each, and stays paused at the last
+    for i in range(1, n + 1):
+        ids = prompt_ids(p["seed"], i, p["prompt_len"], vocab)
+        rec = {"session": i, "pauses": []}
+        try:
+            sid = rec["id"] = ctx.create_session(token_ids=ids)
+            rec["pauses"] = run_to_last_breakpoint(c, sid, layers)
+        except DjinnError as e:
+            reasons.append(f"session {i} of {n} could not run: {e.code}: {e}")
+            ctx.say(f"session {i}: {e.code}: {e}")
+            records.append(rec)
+            break
+        paused.append((i, sid, ids))
+        records.append(rec)
+        st = ctx.status()
+        if charged is None:
+            charged = c.session(sid)["device_bytes"]
+        outs = st["swap"]["swap_outs"] - swap0
+        if outs and first_swap_at is None:
+            first_swap_at = i
+        progression.append({"session": i, "used_bytes": st["memory"]["device_bytes"], "timestamp": utc_stamp(),
+                            "host_bytes": st["memory"]["host_bytes"], "swap_outs": outs})
+        ctx.progress(i, total, f"session {i} paused at layer {layers[-1]}; "
+                     f"{format_size(st['memory']['device_bytes'])} used, {outs} swap-outs")
+
+    if charged is not None and charged != math["bytes_per_session"]:
+        ctx.note(f"the capacity math says {math['bytes_per_session']} B per paused session; "
+                 f"the daemon charged {charged} B")
+
+    # resume every session to the end, generate more, and check against the same prompt unpaused
+    completed, mismatches, checked = 0, 0, 0
+    for k, (i, sid, ids) in enumerate(paused, 1):
+        rec = records[i - 1]
+        try:
+            tokens = finish(c, sid, p["gen_tokens"])
+            rec["swaps"] = c.session(sid)["swaps"]
+            ctx.close_session(sid)
+            completed += 1
+            ref = ctx.create_session(token_ids=ids)
+            expected = c.generate(ref, 1 + p["gen_tokens"])
+            ctx.close_session(ref)
+        except DjinnError as e:
+            reasons.append(f"session {i} did not complete: {e.code}: {e}")
+            continue
+        checked += 1
+        rec["tokens"], rec["match"] = tokens, tokens == expected
+        if tokens != expected:
+            mismatches += 1
+            rec["expected"] = expected
+        ctx.progress(n + k, total, f"session {i} completed, {'tokens match' if rec['match'] else 'MISMATCH'}")
+
+    m = ctx.measure()
+    vs, budget = m["vram_stats"], math["budget_bytes"]
+    tops = [x for x in (vs["max_bytes"], max((e["used_bytes"] for e in progression), default=None)) if x is not None]
+    peak = max(tops) if tops else None
+    vs["max_bytes"] = peak
+    criteria = [
+        _crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
+              completed == n),
+        _crit(ctx, "peak_under_budget", f"peak {_fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})",
+              peak is not None and peak <= budget),
+        _crit(ctx, "swapping_when_needed",
+              f"{m['swap']['swap_outs']} swap-outs, {m['swap']['swap_ins']} swap-ins; the math "
+              + ("says it must swap from session " + str(math["swap_from_session"]) if math["expected_swapping"]
+                 else "says all fit"),
+              m["swapping_active"] or not math["expected_swapping"]),
+        _crit(ctx, "integrity", f"{mismatches} mismatches in {checked} sessions checked",
+              mismatches == 0 and checked == completed and checked > 0),
+    ]
+    body = {"params": effective(p, layers, math), "capacity_math": math, "breakpoints": layers,
+            "num_sessions_requested": n,
+            "num_sessions_spawned": len(paused), "num_sessions_completed": completed,
+            "vram_progression": progression, "first_swap_at_session": first_swap_at,
+            "bytes_per_session_charged": charged, "integrity": {"checked_sessions": checked, "mismatches": mismatches},
+            "errors": reasons, "sessions": records,
+            "headline": {"first_swap_at": first_swap_at}, **m, "vram_stats": vs}
+    return body, criteria
+
+
+def effective(p: dict, layers: list[int], math: dict) -> dict:
+    """The parameters as run: `auto` breakpoints and budget resolved (the rule kept beside)."""
+    return {**p, "breakpoints": layers, "budget": math["budget_bytes"], "budget_rule": p["budget"]}
+
+
+def _crit(ctx, cid: str, measured: str, ok) -> dict:
+    return {"id": cid, "text": ctx.scenario.criteria[cid]["text"], "measured": measured, "ok": ok}
+
+
+def _fmt(n) -> str:
+    return "unknown" if n is None else format_size(n)
