@@ -1,0 +1,335 @@
+"""Swap-out and swap-in throughput of djinnd's MemoryManager against the physical limit.
+
+For each session size (1 MiB to 2 GiB, those that fit) a stand-in session holding one slab on the
+device, like a session's KV slab, is swapped out and in through the real
+`djinnd.memory.MemoryManager` several times; the median is compared with the physical limit
+measured in the same run on the same bytes (the host pool's buffer and the slab):
+
+* CUDA: a pinned host <-> device `copy_(non_blocking=True)` on a side stream, timed with CUDA events;
+* CPU: a plain memcpy, `dst.copy_(src)` of uint8 tensors between already-touched buffers.
+
+Swap figures are wall clock around `swap_out()` / `swap_in()` (what a caller waits for); the
+manager's own figure (CUDA events on a GPU) is shown beside them. Goal (issue 4): at least 0.9 of
+the limit for sessions of 64 MiB and more.
+
+    python bench/swap.py [--device cpu|cuda] [--reps 9] [--disk] [--json PATH]
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import load_line, machine_line  # noqa: E402
+from djinnd.memory import MemoryManager  # noqa: E402
+from djinnd.swappool import u8  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+SIZES = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB, 2 * GiB]
+GOAL_FROM, GOAL = 64 * MiB, 0.9
+CHUNK = MiB  # the test pattern repeats per MiB, with the chunk's index in its first 8 bytes
+
+
+class Bus:
+    """The event bus the manager reports to; the benchmark only keeps the last swap event."""
+
+    def __init__(self):
+        self.last = None
+
+    def emit(self, type, **fields):
+        if type.startswith("swap_"):
+            self.last = fields
+
+
+class BenchSession:
+    """The attributes MemoryManager reads of a session, holding one device slab."""
+
+    def __init__(self, sid: int, slab: torch.Tensor):
+        self.id, self.slab = sid, slab
+        self.charge = slab.nbytes
+        self.pins = 0
+        self.state, self.phase, self.qos = "paused", "COMPUTE", "interactive"
+        self.last_used = time.monotonic()
+        self.stored = None
+        self.swaps = 0
+        self.last_swap_ms = 0.0
+
+    def swappable_tensors(self):
+        return [self.slab]
+
+
+def label(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB"
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e6) if ms > 0 else 0.0
+
+
+# -- memory checks --------------------------------------------------------------------------------
+def host_available() -> int:
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def fitting_sizes(sizes, device: torch.device) -> tuple[list[int], list[str]]:
+    """The sizes whose run fits in free memory, with the host pool sized 2x the largest of them.
+
+    Host: the pool (2 S) plus, on the CPU, the slab, a fresh copy and a compare temporary (3 S).
+    Device: the slab and the compare's temporary (2 S). 15 % is left aside either way.
+    """
+    host = host_available()
+    dev_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host
+    fit, skipped = [], []
+    for s in sizes:
+        host_need = 2 * s + (3 * s if device.type == "cpu" else 64 * MiB)
+        dev_need = 2 * s if device.type == "cuda" else 0
+        if host_need > 0.85 * host:
+            skipped.append(f"{label(s)}: needs {host_need / GiB:.1f} GiB of host memory, {host / GiB:.1f} GiB available")
+        elif dev_need > 0.85 * dev_free:
+            skipped.append(f"{label(s)}: needs {dev_need / GiB:.1f} GiB on {device}, {dev_free / GiB:.1f} GiB free")
+        else:
+            fit.append(s)
+    return fit, skipped
+
+
+# -- the test pattern -----------------------------------------------------------------------------
+def fill(slab: torch.Tensor, block: torch.Tensor) -> None:
+    rows = slab.view(-1, CHUNK)
+    rows.copy_(block.expand_as(rows))
+    rows[:, :8].copy_(_headers(rows.shape[0], slab.device))
+
+
+def intact(slab: torch.Tensor, block: torch.Tensor) -> bool:
+    rows = slab.view(-1, CHUNK)
+    return (torch.equal(rows[:, :8], _headers(rows.shape[0], slab.device))
+            and torch.equal(rows[:, 8:], block[8:].expand(rows.shape[0], CHUNK - 8)))
+
+
+def _headers(n: int, device) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64, device=device).view(torch.uint8).view(n, 8)
+
+
+# -- the physical limit ---------------------------------------------------------------------------
+class RawCopy:
+    """Times `dst.copy_(src)`: CUDA events on a side stream on a GPU, the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> float:
+        if not self.cuda:
+            t = time.perf_counter()
+            dst.copy_(src)
+            return (time.perf_counter() - t) * 1000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(self.stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def fresh_copy_ms(src: torch.Tensor) -> float:
+    """CPU only: memcpy into a newly allocated buffer (page faults included), as a swap-in does."""
+    t = time.perf_counter()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = (time.perf_counter() - t) * 1000
+    del dst
+    return ms
+
+
+# -- the measurement ------------------------------------------------------------------------------
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def bench_size(mgr: MemoryManager, bus: Bus, size: int, sid: int, reps: int, limit: RawCopy | None) -> dict:
+    """Median figures of `reps` swap-out/swap-in round trips of one `size`-byte slab (after one warm-up).
+
+    With `limit`, the raw copy of the same bytes is timed in each repetition too, interleaved.
+    """
+    dev = mgr.device
+    gen = torch.Generator(device=dev).manual_seed(sid)
+    block = torch.randint(0, 256, (CHUNK,), dtype=torch.uint8, device=dev, generator=gen)
+    slab = torch.empty(size, dtype=torch.uint8, device=dev)
+    fill(slab, block)
+    if mgr.cuda:
+        torch.cuda.synchronize(dev)
+    s = BenchSession(sid, slab)
+    mgr.register(s)
+    rec = {k: [] for k in ("out", "in", "mgr_out", "mgr_in", "limit_out", "limit_in", "fresh_in")}
+    try:
+        for rep in range(reps + 1):
+            if limit is not None:
+                host, dst = mgr.host.view(0, size), u8(slab.untyped_storage())  # the bytes the pool uses
+                lo, li = limit(host, dst), limit(dst, host)
+                fi = None if mgr.cuda else fresh_copy_ms(host)
+            out = timed(lambda: mgr.swap_out(s, reason="bench"))
+            assert s.stored is not None and s.stored.tier == ("host" if limit is not None else "disk"), s.stored
+            mgr_out = bus.last["ms"]
+            inn = timed(lambda: mgr.swap_in(s, reason="bench"))
+            assert s.stored is None
+            mgr_in = bus.last["ms"]
+            if rep == 0:
+                continue  # warm-up: first touch of the pool's pages, the allocator's first block
+            for k, v in (("out", out), ("in", inn), ("mgr_out", mgr_out), ("mgr_in", mgr_in)):
+                rec[k].append(v)
+            if limit is not None:
+                rec["limit_out"].append(lo)
+                rec["limit_in"].append(li)
+                if fi is not None:
+                    rec["fresh_in"].append(fi)
+        # a last round trip with the pool's bytes cleared first, so that the raw copies above cannot
+        # hide a swap that moved nothing
+        if limit is not None:
+            mgr.host.view(0, size).zero_()
+        mgr.swap_out(s, reason="bench")
+        mgr.swap_in(s, reason="bench")
+        ok = intact(slab, block)
+    finally:
+        mgr.unregister(s)
+        del slab, s
+    med = {k: statistics.median(v) for k, v in rec.items() if v}
+    row = {"size": size, "label": label(size), "reps": reps, "intact": ok}
+    for k, ms in med.items():
+        row[f"{k}_ms"] = round(ms, 4)
+        row[f"{k}_gbps"] = round(gbps(size, ms), 3)
+    if limit is not None:
+        row["ratio_out"] = round(row["out_gbps"] / row["limit_out_gbps"], 3)
+        row["ratio_in"] = round(row["in_gbps"] / row["limit_in_gbps"], 3)
+    return row
+
+
+def make_manager(device: torch.device, host_pool: int, spill: Path, bus: Bus) -> MemoryManager:
+    budget = 1 << 50  # no eviction: only the swaps the benchmark asks for
+    return MemoryManager(device, budget, 0, host_pool, spill, bus, capacity=budget)
+
+
+def print_table(rows, cuda: bool) -> None:
+    limit = "pinned H2D/D2H, CUDA events" if cuda else "memcpy, dst.copy_(src) of uint8"
+    print(f"\nhost tier: median GB/s (1e9 B/s) of swap_out()/swap_in() by the wall clock; limit = {limit}")
+    print(f"{'size':>8} {'out':>7} {'in':>7} {'lim out':>8} {'lim in':>7} {'ratio out':>9} {'ratio in':>8}"
+          f" {'mgr out':>8} {'mgr in':>7}  {'out ms':>8} {'in ms':>8}  ok")
+    for r in rows:
+        print(f"{r['label']:>8} {r['out_gbps']:7.2f} {r['in_gbps']:7.2f} {r['limit_out_gbps']:8.2f} {r['limit_in_gbps']:7.2f}"
+              f" {r['ratio_out']:9.3f} {r['ratio_in']:8.3f} {r['mgr_out_gbps']:8.2f} {r['mgr_in_gbps']:7.2f}"
+              f"  {r['out_ms']:8.3f} {r['in_ms']:8.3f}  {'yes' if r['intact'] else 'NO'}")
+    print("mgr out/in: the GB/s the manager itself reports in its swap events"
+          + (" (CUDA events on its copy stream)" if cuda else " (wall clock)"))
+    if not cuda:
+        print("fresh in: memcpy into a newly allocated buffer, as swap_in's storage resize gives on the CPU: "
+              + ", ".join(f"{r['label']} {r['fresh_in_gbps']:.2f}" for r in rows) + " GB/s")
+
+
+def verdict(rows) -> str:
+    big = [r for r in rows if r["size"] >= GOAL_FROM]
+    if not big:
+        return f"goal: no size of {label(GOAL_FROM)} or more measured"
+    worst = min(min(r["ratio_out"], r["ratio_in"]) for r in big)
+    met = worst >= GOAL
+    return (f"goal (>= {GOAL} of the limit from {label(GOAL_FROM)}): {'MET' if met else 'MISSED'}, "
+            f"worst ratio {worst:.3f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=9,
+                    help="timed round trips per size (median), after one warm-up; 3x that below 64 MiB")
+    ap.add_argument("--sizes", help="comma-separated MiB, e.g. 64,1024 (default: 1 MiB to 2 GiB)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (djinnd uses 1 on the CPU; default: torch's)")
+    ap.add_argument("--disk", action="store_true", help="also measure the disk tier (host pool 0)")
+    ap.add_argument("--spill-dir", type=Path, help="folder for the disk tier (default: a new one under /tmp)")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(x) * MiB for x in args.sizes.split(",")] if args.sizes else SIZES
+    print(machine_line())
+    print(load_line())
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", torch threads {torch.get_num_threads()}, {args.reps} reps per size ({3 * args.reps} below 64 MiB)")
+
+    fit, skipped = fitting_sizes(sizes, device)
+    for line in skipped:
+        print(f"skipped {line}")
+    if not fit:
+        print("no size fits", file=sys.stderr)
+        return 2
+    spill = Path(tempfile.mkdtemp(prefix="djswap", dir=args.spill_dir or "/tmp"))
+    result = {"machine": machine_line(), "load_before": load_line(), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "limit": "pinned copy_(non_blocking=True), CUDA events" if device.type == "cuda" else "memcpy dst.copy_(src)",
+              "reps": args.reps, "skipped": skipped, "host": [], "disk": []}
+    try:
+        bus = Bus()
+        t = time.perf_counter()
+        mgr = make_manager(device, 2 * max(fit), spill, bus)  # the pool is allocated (and pinned) here
+        print(f"host pool: {label(2 * max(fit))}{', pinned' if device.type == 'cuda' else ''}, "
+              f"allocated in {time.perf_counter() - t:.2f} s before timing")
+        limit = RawCopy(device)
+        for i, size in enumerate(fit):
+            reps = args.reps if size >= GOAL_FROM else 3 * args.reps  # small copies are cheap and noisy
+            result["host"].append(bench_size(mgr, bus, size, i + 1, reps, limit))
+        del mgr
+        print_table(result["host"], device.type == "cuda")
+        result["verdict"] = verdict(result["host"])
+        print(result["verdict"])
+
+        if args.disk:
+            free = shutil.disk_usage(spill).free
+            disk_sizes = [s for s in fit if 1.2 * s < free]
+            for s in fit:
+                if s not in disk_sizes:
+                    print(f"disk tier: skipped {label(s)}, {free / GiB:.1f} GiB free in {spill}")
+            dmgr = make_manager(device, 0, spill, bus)
+            reps = max(3, args.reps // 3)
+            for i, size in enumerate(disk_sizes):
+                result["disk"].append(bench_size(dmgr, bus, size, 100 + i, reps, None))
+            print(f"\ndisk tier (host pool 0; files in {spill}, no fsync: writes land in the page cache), "
+                  f"median of {reps}, wall clock")
+            print(f"{'size':>8} {'out GB/s':>9} {'in GB/s':>8} {'out ms':>9} {'in ms':>9}  ok")
+            for r in result["disk"]:
+                print(f"{r['label']:>8} {r['out_gbps']:9.2f} {r['in_gbps']:8.2f} {r['out_ms']:9.2f} {r['in_ms']:9.2f}"
+                      f"  {'yes' if r['intact'] else 'NO'}")
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+    print(load_line())
+    result["load_after"] = load_line()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"figures written to {args.json}")
+    bad = [r["label"] for r in result["host"] + result["disk"] if not r["intact"]]
+    if bad:
+        print(f"INTEGRITY: the slab did not come back intact for {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
