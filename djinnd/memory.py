@@ -158,9 +158,11 @@ class MemoryManager:
                 self.counters["failures"] += 1
                 self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
-            ms = self._elapsed(t0, stored.tier)
+            ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
             for st in storages:
-                st.resize_(0)
+                st.resize_(0)  # every view the paused forward holds stays valid, now without memory
+            if not self.cuda:
+                ms = self._elapsed(t0)  # on the CPU, giving the pages back is part of the cost
             s.stored, s.charge = stored, 0
             self._account("out", s, stored.tier, total, ms, reason)
             self.changed.notify_all()
@@ -179,7 +181,6 @@ class MemoryManager:
             for st, n in zip(storages, sizes):
                 dst[pos:pos + n].copy_(u8(st), non_blocking=True)
                 pos += n
-        self._sync()
         return Stored("host", sizes, charge, offset=off)
 
     def _demote_for(self, nbytes: int) -> None:
@@ -225,7 +226,6 @@ class MemoryManager:
                         for st, n in zip(storages, stored.sizes):
                             u8(st).copy_(src[pos:pos + n], non_blocking=True)
                             pos += n
-                    self._sync()
                 else:
                     self.disk.read(stored.path, [u8(st) for st in storages])
             except OSError as e:
@@ -259,31 +259,28 @@ class MemoryManager:
 
     # -- timing and streams ----------------------------------------------------------------------
     def _on_copy_stream(self):
-        if not self.cuda:
-            return _Null()
-        self._stream.wait_stream(torch.cuda.default_stream(self.device))
-        return torch.cuda.stream(self._stream)
-
-    def _sync(self):
-        if self.cuda:
-            self._stream.synchronize()
+        return torch.cuda.stream(self._stream) if self.cuda else _Null()
 
     def _timer(self):
-        """Start a timing: wall clock always, and a CUDA event on the copy stream on a GPU."""
+        """Start a timing: wall clock always; on a GPU the copy stream first waits for queued compute,
+        then a CUDA event marks the start, so the figure is the copy alone."""
         ev = None
         if self.cuda:
+            self._stream.wait_stream(torch.cuda.default_stream(self.device))
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(self._stream)
         return time.perf_counter(), ev
 
     def _elapsed(self, t0, tier: str = "host") -> float:
-        """Milliseconds: CUDA events time the host-pool copies on a GPU; disk I/O is timed by the wall clock."""
+        """Wait for the copies and return milliseconds: CUDA events time host-pool copies on a GPU,
+        the wall clock everything else (disk I/O, and all of it on the CPU)."""
         wall, ev = t0
-        if ev is not None and tier == "host":
+        if ev is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record(self._stream)
             end.synchronize()
-            return ev.elapsed_time(end)
+            if tier == "host":
+                return ev.elapsed_time(end)
         return (time.perf_counter() - wall) * 1000
 
 

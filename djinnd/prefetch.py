@@ -82,12 +82,6 @@ class Prefetcher:
         if self._thread.is_alive():
             self._thread.join(2)
 
-    def watch_forwards(self, lm, current_session) -> list:
-        """Pre-hooks on the embedding (a forward starts) and each decoder layer (a resume runs on); their handles."""
-        def hook(module, args):
-            self._computing(current_session())
-        return [m.register_forward_pre_hook(hook) for m in (lm.embed(), *lm.decoder_layers())]
-
     # -- signals ---------------------------------------------------------------------------------
     def io_wait(self, s, expected_ms, signalled: float) -> None:
         """The session waits on I/O: swap it out now under pressure, and plan its prefetch."""
@@ -119,8 +113,8 @@ class Prefetcher:
                 self._bring_in(s, "compute")
 
     # -- hooks and timer -------------------------------------------------------------------------
-    def _computing(self, s) -> None:
-        """A forward segment of `s` starts: its IO_WAIT is over."""
+    def computing(self, s) -> None:
+        """A forward segment of `s` starts (or runs on after a breakpoint): its IO_WAIT is over."""
         if s is None or (s.phase != "IO_WAIT" and s.id not in self._waits):
             return
         self._settle(s, "forward")

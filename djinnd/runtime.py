@@ -41,7 +41,6 @@ class Runtime:
                        for i, layer in enumerate(lm.decoder_layers())]
         self._hooks.append(lm.embed().register_forward_hook(self._embed_hook))
         self.prefetch = Prefetcher(self.mem, bus)  # phase hints: early swap-out, prefetch before wake-up
-        self._hooks += self.prefetch.watch_forwards(lm, _running.get)
         self.prefetch.start()
 
     # -- sessions ------------------------------------------------------------------------------
@@ -145,8 +144,11 @@ class Runtime:
                 where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
                 raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
             s.state, s.breakpoints, s.error, s.token = "running", breakpoints, None, None
-            s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
-            s.thread.start()
+            if breakpoints:  # it may pause: a thread of its own, which waits there for resume
+                s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
+                s.thread.start()
+        if not breakpoints:  # it cannot pause: run it here and spare a thread hand-off per token
+            self._forward(s)
         return self._wait(s)
 
     def _wait(self, s: Session, resumed: bool = False) -> dict:
@@ -164,8 +166,8 @@ class Runtime:
             return {"state": s.state, "token": s.token}
 
     def _forward(self, s: Session) -> None:
-        """The forward thread: compute on the device, pausing at breakpoints, then record the token."""
-        _running.set(s)
+        """One forward pass: compute on the device, pausing at breakpoints, then record the token."""
+        running = _running.set(s)
         start_len = s.cache.seq_len
         try:
             self.device_lock.acquire(s.qos)
@@ -192,16 +194,18 @@ class Runtime:
                 self._unpin_forward(s)
             if self.device_lock.held_by_me():
                 self.device_lock.release()
+            _running.reset(running)
         with s.cond:
             s.state, s.layer, s.last_used = "idle", None, time.monotonic()
             if isinstance(outcome, Exception):
                 s.error = outcome
             s.cond.notify_all()
-        if outcome is None:
+        if outcome is None and s.breakpoints:  # a white-box forward's end; plain decode steps stay quiet
             self._event(s, "finished", token=s.token)
 
     def _enter(self, s: Session, new_tokens: int) -> None:
         """Make `s` resident and charge it for this forward's KV growth and activations, before allocating."""
+        self.prefetch.computing(s)
         self._pin_forward(s)
         self.mem.swap_in(s, reason="demand")
         cache = s.cache
@@ -269,6 +273,7 @@ class Runtime:
             s.state, s.layer, s.resume_requested = "running", None, False
             s.last_used = time.monotonic()
             s.cond.notify_all()
+        self.prefetch.computing(s)
         self._event(s, "resumed", layer=index)
 
     # -- inspect and patch -------------------------------------------------------------------------
