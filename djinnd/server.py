@@ -49,55 +49,59 @@ class Server:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.bind(endpoint)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="djinn-rpc")
-        self._stop = asyncio.Event()
+        self._serving: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def stop(self):
-        self._stop.set()
+        if self._serving is not None:
+            self._serving.cancel()
 
     async def serve(self):
-        stop = asyncio.ensure_future(self._stop.wait())
-        while not self._stop.is_set():
-            recv = asyncio.ensure_future(self.sock.recv_multipart(copy=True))
-            done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if recv not in done:
-                recv.cancel()
-                break
-            frames = recv.result()
-            task = asyncio.ensure_future(self._answer(frames))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        stop.cancel()
+        """Receive until stopped; quick methods are answered inline, slow ones from the worker pool."""
+        self._serving = asyncio.current_task()
+        try:
+            while True:
+                self._dispatch(await self.sock.recv_multipart())
+        except asyncio.CancelledError:
+            pass
 
-    async def _answer(self, frames):
+    def _dispatch(self, frames) -> None:
         if len(frames) < 2:
             return
         ident, body = frames[0], frames[-1]
         if len(frames) > 3:
-            return await self._send(ident, protocol.error(None, "malformed", "a request is one frame"))
-        rid = None
+            return self._send(ident, protocol.error(None, "malformed", "a request is one frame"))
         try:
             rid, method, params = protocol.parse_request(body)
-            if method in SLOW:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.pool, self.service.handle, method, params)
-            else:
-                result = self.service.handle(method, params)
-            reply = protocol.ok(rid, result)
         except DjinnError as e:
-            reply = protocol.error(rid or getattr(e, "rid", None), e.code, e.message)
+            return self._send(ident, protocol.error(getattr(e, "rid", None), e.code, e.message))
+        if method in SLOW:
+            task = asyncio.ensure_future(self._answer_slow(ident, rid, method, params))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._send(ident, self._answer(rid, lambda: self.service.handle(method, params)))
+
+    async def _answer_slow(self, ident, rid, method, params) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.pool, self._answer, rid, lambda: self.service.handle(method, params))
+        self._send(ident, await fut)
+
+    def _answer(self, rid, call) -> bytes:
+        try:
+            return protocol.ok(rid, call())
+        except DjinnError as e:
+            return protocol.error(rid, e.code, e.message)
         except Exception as e:  # noqa: BLE001 - a request never takes the daemon down
             log.exception("request %s failed", rid)
-            reply = protocol.error(rid, "internal", f"internal error: {e!r}")
-        await self._send(ident, reply)
-        if self.service.stop_requested:
-            self._stop.set()
+            return protocol.error(rid, "internal", f"internal error: {e!r}")
 
-    async def _send(self, ident, reply: bytes):
-        try:
-            await self.sock.send_multipart([ident, reply])
-        except zmq.ZMQError as e:
-            log.debug("reply lost: %s", e)
+    def _send(self, ident, reply: bytes) -> None:
+        """Reply without waiting: a ROUTER never blocks, it drops what it cannot route."""
+        fut = self.sock.send_multipart([ident, reply], flags=zmq.NOBLOCK)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self.service.stop_requested:
+            self.stop()
 
     async def drain(self, timeout: float):
         if self._tasks:

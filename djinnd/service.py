@@ -1,5 +1,6 @@
 """The daemon's request handlers: method name -> runtime call, with parameters checked on the way."""
 
+import functools
 import inspect
 import os
 import time
@@ -27,7 +28,7 @@ class Service:
         if fn is None:
             raise DjinnError("unknown_method", f"unknown method {method!r}")
         try:
-            inspect.signature(fn).bind(self, **params)
+            _signature(fn).bind(self, **params)
         except TypeError as e:
             raise DjinnError("bad_params", f"{method}: {e}") from None
         return fn(self, **params)
@@ -152,6 +153,11 @@ class Service:
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,
         "scenario.runs": scenario_runs,
     }
+
+
+@functools.cache
+def _signature(fn):
+    return inspect.signature(fn)
 
 
 def _int(v, name):
