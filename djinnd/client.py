@@ -94,6 +94,9 @@ class _Api:
     def set_swap(self, enabled: bool):
         return self._do("memory.set_swap", enabled=enabled)
 
+    def reset_peak(self):
+        return self._do("memory.reset_peak")
+
     def shutdown(self):
         return self._do("shutdown")
 

@@ -70,6 +70,11 @@ class MemoryManager:
             s.charge = 0
             self.changed.notify_all()
 
+    def reset_peak(self) -> None:
+        """Start the peak over from now (a scenario run measures its own)."""
+        with self.lock:
+            self.peak = self.used
+
     def set_budget(self, budget: int) -> None:
         with self.lock:
             if budget <= self.weights_bytes:

@@ -133,6 +133,7 @@ class LoadedModel:
             "num_layers": self.num_layers,
             "weights_bytes": self.weights_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "hidden_size": self.hidden_size,
         }

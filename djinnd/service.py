@@ -74,6 +74,10 @@ class Service:
             raise DjinnError("bad_params", str(e)) from None
         return self.rt.mem.figures()
 
+    def reset_peak(self):
+        self.rt.mem.reset_peak()
+        return self.rt.mem.figures()
+
     def set_swap(self, enabled):
         if not isinstance(enabled, bool):
             raise DjinnError("bad_params", "'enabled' must be true or false")
@@ -146,7 +150,7 @@ class Service:
     METHODS = {
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
-        "memory.set_swap": set_swap, "scheduler.set": scheduler_set,
+        "memory.set_swap": set_swap, "memory.reset_peak": reset_peak, "scheduler.set": scheduler_set,
         "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,

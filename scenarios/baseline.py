@@ -35,7 +35,7 @@ def hold_all(ctx, p: dict):
     if cuda and ctx.client is not None:
         ctx.note("djinnd holds memory on this GPU too: the baseline may run out sooner than on an idle card")
     lm = load_model(p["model"], device)
-    model = {**lm.describe(), "vocab_size": lm.vocab_size}
+    model = lm.describe()
     capacity = default_capacity(device)
     if ctx.client is not None:
         daemon_budget = ctx.status()["memory"]["budget_bytes"]

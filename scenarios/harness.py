@@ -145,6 +145,7 @@ class Context:
         """Start the measured window: figures and samples count from here."""
         self._t0_ns = time.monotonic_ns()
         if self.client is not None:
+            self.client.reset_peak()  # the daemon's peak then counts this run alone
             self._status0 = self.client.status()
 
     def sample(self, used: int) -> None:
@@ -166,11 +167,7 @@ class Context:
         swap = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0}
         if not local and self.client is not None and self._status0 is not None:
             st = self.client.status()
-            p0, p1 = self._status0["memory"]["peak_device_bytes"], st["memory"]["peak_device_bytes"]
-            if p1 > p0:
-                peak, source = p1, "daemon peak counter and samples"
-            else:
-                source = "samples (the daemon's lifetime peak did not rise during this run)"
+            peak, source = st["memory"]["peak_device_bytes"], "the daemon's peak counter over the run, and samples"
             swap = {k: st["swap"][k] - self._status0["swap"][k] for k in swap}
         swaps = [] if local else self.log.of_type("swap_out", "swap_in", since_ns=self._t0_ns)
         ms = [e["ms"] for e in swaps]
