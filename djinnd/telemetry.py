@@ -118,26 +118,31 @@ class FileSink:
 
     def _open(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = self.base if self.part == 0 else f"{self.base}.{self.part}"
-        self.path = self.folder / name
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._size = self._f.tell()
+        while True:
+            self.path = self.folder / (self.base if self.part == 0 else f"{self.base}.{self.part}")
+            try:
+                self._f = open(self.path, "x", encoding="utf-8")  # never appends to, or truncates, a file
+                break
+            except FileExistsError:
+                self.part += 1
+        self._size = 0
 
-    def write(self, events):
+    def write(self, batch):
         if self._failed_at is not None:
             if time.monotonic() - self._failed_at < 60:
                 return
             self._failed_at = None
         try:
-            if self._f is None:
-                self._open()
-            data = "".join(line + "\n" for _, line in events)
-            self._f.write(data)
-            self._f.flush()
-            self._size += len(data)
-            if self._size >= self.max_bytes:
-                self._f.close()
-                self._f, self.part = None, self.part + 1
+            for _, line in batch:
+                if self._f is None:
+                    self._open()
+                self._f.write(line + "\n")
+                self._size += len(line) + 1
+                if self._size >= self.max_bytes:
+                    self._f.close()
+                    self._f, self.part = None, self.part + 1
+            if self._f is not None:
+                self._f.flush()
         except OSError as e:
             self._failed_at = time.monotonic()
             self._f = None

@@ -167,3 +167,66 @@ def test_thousands_of_events_a_second_keep_status_fast_and_lose_no_swap_event(ma
     all_seqs = sorted(e["seq"] for e in events)
     assert all_seqs == list(range(1, len(all_seqs) + 1))  # the log lost nothing at all
     assert important
+
+
+def test_the_log_rotates_by_size_and_a_new_sink_never_truncates(tmp_path):
+    from djinnd.telemetry import EventBus, FileSink
+    bus = EventBus()
+    sink = FileSink(tmp_path, bus, max_bytes=2000)
+    bus.add_sink(sink)
+    for i in range(100):
+        bus.emit("session", session=i, action="created")
+    bus.close()
+    files = sorted(tmp_path.glob("events-*.jsonl*"))
+    assert len(files) > 3 and all(f.stat().st_size < 2000 + 200 for f in files)
+    seqs = sorted(e["seq"] for e in read_events(tmp_path))
+    assert seqs == list(range(1, 101))
+    before = {f: f.read_bytes() for f in files}
+    bus2 = EventBus()
+    bus2.add_sink(FileSink(tmp_path, bus2, max_bytes=2000))
+    bus2.emit("daemon", action="started")
+    bus2.close()
+    assert all(f.read_bytes() == data for f, data in before.items())  # the restart wrote a file of its own
+    assert len(list(tmp_path.glob("events-*.jsonl*"))) == len(files) + 1
+
+
+def test_a_subscriber_that_misses_events_gets_them_back(make_daemon):
+    d = tight(make_daemon)
+    with d.client() as c, c.subscribe(types=("session",)) as filtered, c.subscribe() as sub:
+        time.sleep(0.3)
+        first = c.create_session(prompt=PROMPT)
+        ev = sub.recv(5.0)
+        while ev["type"] != "session":
+            ev = sub.recv(5.0)
+        assert filtered.recv(5.0)["session"] == first  # a type filter sees only its type
+        sub.last_seq -= 3  # as if three events had been dropped on the way
+        lost_seq = sub.last_seq
+        c.close(first)
+        got = [sub.recv(5.0) for _ in range(3)]
+        assert [e["seq"] for e in got] == sorted(e["seq"] for e in got) and got[0]["seq"] > lost_seq
+
+
+def test_the_async_client_speaks_the_same_protocol(make_daemon):
+    import asyncio
+
+    from djinnd.client import AsyncClient, DjinnError
+
+    d = make_daemon("--device", "cpu")
+
+    async def main():
+        async with AsyncClient(d.socket) as c:
+            sid = await c.create_session(prompt=PROMPT)
+            assert await c.run_to(sid, layer=2) == {"state": "paused", "layer": 2}
+            assert (await c.inspect(sid))["layer"] == 2
+            tok = await c.resume(sid)
+            assert isinstance(tok, int)
+            try:
+                await c.session(999)
+            except DjinnError as e:
+                assert e.code == "unknown_session"
+            else:
+                raise AssertionError("no error for an unknown session")
+            await c.close(sid)
+            return (await c.status())["sessions"]
+
+    assert asyncio.run(main()) == 0
