@@ -40,20 +40,21 @@ class MemoryManager:
     # -- accounting ---------------------------------------------------------------------------
     @property
     def used(self) -> int:
-        return self.weights_bytes + sum(s.charge for s in self.sessions.values())
+        return self.weights_bytes + sum(s.charge for s in list(self.sessions.values()))
 
+    # Figures are read without the lock, which a swap holds through its copy: status and the
+    # sampler must answer at once. Each read is a consistent value; together they are a snapshot.
     def figures(self) -> dict:
-        with self.lock:
-            return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
-                    "weights_bytes": self.weights_bytes, "host_bytes": self.host.used,
-                    "host_capacity_bytes": self.host.capacity, "disk_bytes": self.disk.used,
-                    "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled}
+        return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
+                "weights_bytes": self.weights_bytes, "host_bytes": self.host.used,
+                "host_capacity_bytes": self.host.capacity, "disk_bytes": self.disk.used,
+                "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled}
 
     def swap_figures(self) -> dict:
-        with self.lock:
-            out = dict(self.counters)
-            ms = sorted(m for _, m, _ in self.latencies)
-            gbps = sorted(g for _, _, g in self.latencies)
+        out = dict(self.counters)
+        latencies = list(self.latencies)
+        ms = sorted(m for _, m, _ in latencies)
+        gbps = sorted(g for _, _, g in latencies)
         out["latency_ms"] = {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "max": ms[-1] if ms else 0.0}
         out["throughput_gbps"] = {"p50": _pct(gbps, 50)}
         return out
@@ -72,8 +73,7 @@ class MemoryManager:
 
     def reset_peak(self) -> None:
         """Start the peak over from now (a scenario run measures its own)."""
-        with self.lock:
-            self.peak = self.used
+        self.peak = self.used
 
     def set_budget(self, budget: int) -> None:
         with self.lock:
@@ -159,7 +159,7 @@ class MemoryManager:
                 if stored is None:
                     stored = Stored("disk", sizes, s.charge)
                     stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}", [u8(st) for st in storages], total)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
                 self.counters["failures"] += 1
                 self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
@@ -174,6 +174,8 @@ class MemoryManager:
 
     def _to_host(self, storages, sizes, charge) -> Stored | None:
         total = sum(sizes)
+        if total > self.host.capacity:  # it could never fit: demoting others would not help
+            return None
         off = self.host.alloc(total)
         if off is None:
             self._demote_for(total)
@@ -181,11 +183,15 @@ class MemoryManager:
         if off is None:
             return None
         dst = self.host.view(off, total)
-        with self._on_copy_stream():
-            pos = 0
-            for st, n in zip(storages, sizes):
-                dst[pos:pos + n].copy_(u8(st), non_blocking=True)
-                pos += n
+        try:
+            with self._on_copy_stream():
+                pos = 0
+                for st, n in zip(storages, sizes):
+                    dst[pos:pos + n].copy_(u8(st), non_blocking=True)
+                    pos += n
+        except BaseException:
+            self.host.release(off, total)
+            raise
         return Stored("host", sizes, charge, offset=off)
 
     def _demote_for(self, nbytes: int) -> None:
@@ -233,10 +239,11 @@ class MemoryManager:
                             pos += n
                 else:
                     self.disk.read(stored.path, [u8(st) for st in storages])
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
                 for st in storages:
                     st.resize_(0)
                 s.charge -= stored.charge
+                self.changed.notify_all()
                 self.counters["failures"] += 1
                 self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None

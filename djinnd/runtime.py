@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 
+from .kvcache import GRANULE, round_up
 from .memory import MemoryManager
 from .prefetch import Prefetcher
 from .protocol import DjinnError
@@ -56,7 +57,7 @@ class Runtime:
         if (not isinstance(token_ids, list) or not token_ids
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.lm.vocab_size for t in token_ids)):
             raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
-        first = self.lm.kv_bytes_per_token * len(token_ids)
+        first = round_up(len(token_ids) + GRANULE) * self.lm.kv_bytes_per_token + 3 * len(token_ids) * self._act_bytes_per_token
         if self.lm.weights_bytes + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
                              f"the budget leaves {self.mem.budget - self.lm.weights_bytes} B beside the weights")
@@ -78,13 +79,16 @@ class Runtime:
 
     def close(self, sid) -> None:
         s = self.get(sid)
-        with s.cond:
-            if s.state == "running":
+        with s.op_lock:
+            with s.cond:
+                if s.closing:
+                    raise DjinnError("unknown_session", f"session {s.id} is closing")
+                s.closing = True  # no forward starts from now on; a generate loop stops at its next token
                 s.cond.wait_for(lambda: s.state != "running", 120)
-            s.abort_requested = True
-            s.cond.notify_all()
-        if s.thread is not None:
-            s.thread.join(30)
+                s.abort_requested = True
+                s.cond.notify_all()
+            if s.thread is not None:
+                s.thread.join(30)
         with self._lock:
             self.sessions.pop(s.id, None)
         self.mem.unregister(s)
@@ -130,16 +134,19 @@ class Runtime:
 
     def resume(self, sid) -> dict:
         s = self.get(sid)
-        with s.cond:
-            if s.state != "paused":
-                raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
-            s.error = None
-            s.resume_requested = True
-            s.cond.notify_all()
-        return self._wait(s, resumed=True)
+        with s.op_lock:  # inspect, patch and close wait until it has paused again or finished
+            with s.cond:
+                if s.state != "paused" or s.closing:
+                    raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
+                s.error = None
+                s.resume_requested = True
+                s.cond.notify_all()
+            return self._wait(s, resumed=True)
 
     def _run_forward(self, s: Session, breakpoints: list[int]) -> dict:
         with s.cond:
+            if s.closing:
+                raise DjinnError("unknown_session", f"session {s.id} is closing")
             if s.state != "idle":
                 where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
                 raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
@@ -181,7 +188,7 @@ class Runtime:
             s.pending = [token]
             outcome, s.token = None, token
         except Aborted:
-            outcome = "aborted"
+            outcome = DjinnError("bad_state", f"session {s.id} was closed")
         except Exception as e:  # noqa: BLE001 - reported to the caller, the session stays usable
             for layer in s.cache.layers:
                 layer.length = start_len
@@ -197,6 +204,7 @@ class Runtime:
             _running.reset(running)
         with s.cond:
             s.state, s.layer, s.last_used = "idle", None, time.monotonic()
+            s.resume_requested = False
             if isinstance(outcome, Exception):
                 s.error = outcome
             s.cond.notify_all()
@@ -211,12 +219,17 @@ class Runtime:
         cache = s.cache
         cap = cache.capacity_for(cache.seq_len + new_tokens)
         if cap > cache.capacity:
-            old = cache.nbytes
-            self.mem.reserve(s, cache.bytes_for(cap))
-            cache.grow(cap)
+            old, new = cache.nbytes, cache.bytes_for(cap)
+            self.mem.reserve(s, new)
+            try:
+                cache.grow(cap)
+            except BaseException:
+                self.mem.release(s, new)
+                raise
             self.mem.release(s, old)
-        s.act_charge = 3 * new_tokens * self._act_bytes_per_token  # embeddings, layer input, layer output
-        self.mem.reserve(s, s.act_charge)
+        act = 3 * new_tokens * self._act_bytes_per_token  # embeddings, layer input, layer output
+        self.mem.reserve(s, act)
+        s.act_charge = act
         s.last_used = time.monotonic()
 
     def _pin_forward(self, s: Session) -> None:
@@ -310,18 +323,22 @@ class Runtime:
 
         class _Ctx:
             def __enter__(self):
-                if s.state != "paused" or s.hidden is None:
+                s.op_lock.acquire()
+                if s.state != "paused" or s.hidden is None or s.closing:
+                    s.op_lock.release()
                     raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
                 runtime.mem.pin(s)
                 try:
                     runtime.mem.swap_in(s, reason="inspect")
                 except BaseException:
                     runtime.mem.unpin(s)
+                    s.op_lock.release()
                     raise
                 s.last_used = time.monotonic()
 
             def __exit__(self, *exc):
                 runtime.mem.unpin(s)
+                s.op_lock.release()
                 return False
 
         return _Ctx()

@@ -61,6 +61,9 @@ class Service:
     def emit(self, type: str, **fields):
         if type != "scenario":
             raise DjinnError("bad_params", "clients may only emit 'scenario' events")
+        reserved = {"seq", "ts", "mono_ns"} & set(fields)
+        if reserved:
+            raise DjinnError("bad_params", f"{', '.join(sorted(reserved))} are set by the daemon")
         return {"seq": self.bus.emit("scenario", **fields)["seq"]}
 
     def shutdown(self):

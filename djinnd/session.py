@@ -38,6 +38,8 @@ class Session:
         self.created_at = time.time()
         # forward thread handshake
         self.cond = threading.Condition()
+        self.op_lock = threading.Lock()  # resume, inspect, patch and close, one at a time
+        self.closing = False
         self.resume_requested = False
         self.abort_requested = False
         self.error: Exception | None = None
@@ -52,9 +54,10 @@ class Session:
         return self.cache.tensors() + self.held
 
     def info(self) -> dict:
-        stored = self.stored
+        stored = self.stored  # read once: a swap may move it meanwhile
         return {
-            "id": self.id, "state": self.state, "layer": self.layer, "location": self.location,
+            "id": self.id, "state": self.state, "layer": self.layer,
+            "location": "device" if stored is None else stored.tier,
             "device_bytes": self.charge,
             "host_bytes": stored.nbytes if stored and stored.tier == "host" else 0,
             "disk_bytes": stored.nbytes if stored and stored.tier == "disk" else 0,

@@ -111,14 +111,16 @@ def test_1000_swap_cycles_leak_nothing(make_rt):
 
 
 def test_a_session_larger_than_the_budget_is_refused(make_rt, lm):
-    rt = make_rt(budget_extra=100_000)
+    rt = make_rt(budget_extra=600_000)  # room for one slab of 128 tokens (524,288 B), not of 160
     with pytest.raises(DjinnError) as e:
         rt.create(token_ids=[5] * 1000)
     assert e.value.code == "out_of_budget"
     s = rt.create(token_ids=[5] * 4)
     with pytest.raises(DjinnError) as e:
-        rt.generate(s.id, 1)  # its slab and activations do not fit either
+        rt.generate(s.id, 200)  # its slab must grow past what the budget holds
     assert e.value.code == "out_of_budget" and s.state == "idle"
+    assert s.cache.seq_len == 128 and rt.mem.used <= rt.mem.budget
+    assert s.charge == s.cache.nbytes  # the failed growth left no charge behind
 
 
 def test_a_failed_swap_out_leaves_the_session_on_the_device(make_rt, tmp_path):
@@ -204,3 +206,16 @@ def test_30_sessions_under_a_third_of_their_demand_all_finish_under_the_budget(m
     assert len(samples) > 10
     assert all(e["used_bytes"] <= e["budget_bytes"] == budget for e in samples)
     assert max(e["used_bytes"] for e in samples) > budget * 0.8  # it really ran at the plateau
+
+
+def test_a_session_larger_than_the_host_pool_goes_to_disk_and_demotes_nobody(make_rt):
+    rt = make_rt(host_pool=1_500_000)
+    small = [rt.create(prompt=PROMPT) for _ in range(2)]
+    for s in small:
+        rt.generate(s.id, 1)
+        rt.mem.swap_out(s)
+    big = rt.create(token_ids=[7] * 300)
+    rt.generate(big.id, 1)
+    rt.mem.swap_out(big)
+    assert big.location == "disk" and [s.location for s in small] == ["host", "host"]
+    assert rt.mem.counters["demotions"] == 0

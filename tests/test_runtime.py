@@ -206,3 +206,41 @@ def test_50_sessions_paused_at_once_over_the_daemon(daemon, lm):
             stop.set()
             watcher.join()
     assert slow_status and max(slow_status) < 1.0
+
+
+def _race(fn_a, fn_b):
+    """Run two calls at once; return what each raised or returned (a hang fails the test)."""
+    out = [None, None]
+
+    def run(i, fn):
+        try:
+            out[i] = fn()
+        except DjinnError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate((fn_a, fn_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), "a call hung"
+    return out
+
+
+def test_resume_racing_close_never_hangs(rt, lm):
+    for _ in range(20):
+        s = rt.create(prompt=PROMPT)
+        rt.run_to(s.id, [2, 5])
+        resumed, _ = _race(lambda: rt.resume(s.id), lambda: rt.close(s.id))
+        assert s.state == "closed" and s.id not in rt.sessions
+        assert isinstance(resumed, (dict, DjinnError))
+    assert rt.mem.used == lm.weights_bytes
+
+
+def test_close_stops_a_generate_loop_and_frees_everything(rt, lm):
+    s = rt.create(prompt=PROMPT)
+    generated, _ = _race(lambda: rt.generate(s.id, 400), lambda: (time.sleep(0.05), rt.close(s.id)))
+    assert isinstance(generated, DjinnError) and "closing" in str(generated)
+    time.sleep(0.1)
+    assert s.state == "closed" and s.cache.slab is None and s.charge == 0
+    assert rt.mem.used == lm.weights_bytes
