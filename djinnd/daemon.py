@@ -104,6 +104,7 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
                    max_concurrency: int = 1, lifo: bool = False) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
     logsetup.setup()
+    sys.setswitchinterval(0.001)  # hand the GIL over often: status must be answered while forwards run
     prepare_folder(sock)
     try:
         lock_fd = lock_pidfile(sock)

@@ -128,7 +128,8 @@ def test_sizes(cache):
     assert lm.weights_bytes == param_bytes + buffer_bytes
     assert buffer_bytes < 1024  # only the rotary tables: weights are the parameters
     d = lm.describe()
-    assert set(d) == {"name", "path", "num_layers", "weights_bytes", "kv_bytes_per_token", "dtype", "hidden_size"}
+    assert set(d) == {"name", "path", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
+                      "hidden_size"}
     assert d["dtype"] == "float32" and d["name"] == "tiny-llama"
 
 
