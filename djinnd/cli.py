@@ -1,7 +1,6 @@
 """`djinn`: the command-line client (status, sessions, scenarios, logs)."""
 
 import json
-import sys
 from pathlib import Path
 
 import typer

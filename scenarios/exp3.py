@@ -67,11 +67,8 @@ def run(ctx, p: dict):
         from .baseline import hold_all
         return hold_all(ctx, p)
     c = ctx.client
-    st = ctx.status()
+    st = ctx.daemon_status(p["model"])
     model = st["model"]
-    ctx.check_model(p["model"], model["name"])
-    if st["sessions"]:
-        ctx.note(f"the daemon already holds {st['sessions']} other sessions; they share the budget")
     layers, math = plan(ctx, p, model, st["memory"]["budget_bytes"])
     ctx.set_budget(math["budget_bytes"])
     if not p["swap"]:

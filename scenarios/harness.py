@@ -115,6 +115,14 @@ class Context:
         if asked != running:
             self.note(f"the daemon runs {running}; the scenario asks for {asked}: measuring {running}")
 
+    def daemon_status(self, asked_model: str) -> dict:
+        """The daemon's status, noting what a reader must know: another model, other sessions sharing the budget."""
+        st = self.status()
+        self.check_model(asked_model, st["model"]["name"])
+        if st["sessions"]:
+            self.note(f"the daemon already holds {st['sessions']} other sessions; they share the budget")
+        return st
+
     def set_budget(self, budget: int) -> None:
         old = self.status()["memory"]["budget_bytes"]
         self.client.set_budget(budget)

@@ -1,5 +1,6 @@
 """Shared fixtures: a real djinnd in a subprocess, on its own short socket path."""
 
+import json
 import os
 import shutil
 import signal
@@ -100,3 +101,19 @@ def make_daemon():
 def daemon(make_daemon) -> Daemon:
     """A daemon on the CPU with tiny-llama and default settings."""
     return make_daemon("--device", "cpu")
+
+
+CONTRACT_KEYS = {"scenario", "status", "reasons", "started_at", "finished_at", "device", "model", "params",
+                 "capacity_math", "num_sessions_requested", "num_sessions_spawned", "num_sessions_completed",
+                 "vram_stats", "vram_progression", "swapping_active", "swap", "integrity"}
+
+
+def scenario(*args, socket=None, timeout=300) -> subprocess.CompletedProcess:
+    """`djinn scenario ...` in a subprocess; with no socket given, one where no daemon answers (a private one runs)."""
+    sock = socket or Path(tempfile.mkdtemp(prefix="djn", dir="/tmp")) / "none.sock"
+    return subprocess.run([sys.executable, "-m", "djinnd.cli", "scenario", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "DJINN_SOCKET": str(sock)})
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())

@@ -1,6 +1,5 @@
 """djinn-console: Pilot tests against a real daemon subprocess, and snapshots with fixed data."""
 
-import asyncio
 import csv
 import json
 import time

@@ -2,32 +2,12 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon
-
-CONTRACT_KEYS = {"scenario", "status", "reasons", "started_at", "finished_at", "device", "model", "params",
-                 "capacity_math", "num_sessions_requested", "num_sessions_spawned", "num_sessions_completed",
-                 "vram_stats", "vram_progression", "swapping_active", "swap", "integrity"}
-
-
-def scenario(*args, socket=None, timeout=300) -> subprocess.CompletedProcess:
-    """`djinn scenario ...` in a subprocess; with no socket given, one where no daemon answers."""
-    sock = socket or Path(tempfile.mkdtemp(prefix="djn", dir="/tmp")) / "none.sock"
-    return subprocess.run([sys.executable, "-m", "djinnd.cli", "scenario", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "DJINN_SOCKET": str(sock)})
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
-
+from conftest import CONTRACT_KEYS, Daemon, results, scenario
 
 @pytest.fixture(scope="module")
 def shared():
