@@ -177,7 +177,7 @@ class Runtime:
         running = _running.set(s)
         start_len = s.cache.seq_len
         try:
-            self.device_lock.acquire(s.qos)
+            self.device_lock.acquire(s.qos, short=len(s.pending) == 1)  # a decode step goes before a prefill
             self._enter(s, len(s.pending))
             with torch.no_grad():
                 ids = torch.tensor([s.pending], device=self.lm.device)

@@ -9,8 +9,10 @@ to hand it to, in this order:
    work is never starved.
 3. the class: strict priority realtime > interactive > batch; or, with `shares`, the class with
    the least device time per unit of share (stride scheduling, below).
-4. within the class: oldest first; with `lifo`, newest first while overloaded (more waiters than
-   slots): under overload the oldest are late already, and serving the newest keeps more on time.
+4. within the class: short segments (a decode step, a resume) before long ones (a prompt's
+   prefill), so a session waking from a tool call does not queue behind new arrivals; then oldest
+   first; with `lifo`, newest first while overloaded (more waiters than slots): under overload the
+   oldest are late already, and serving the newest keeps more on time.
 
 Shares (stride scheduling by class): each class has a `pass`, advanced on release by the device
 time its segment held divided by its share, and the class with the lowest pass goes next (ties by
@@ -50,10 +52,10 @@ def parse_shares(text: str) -> dict[str, float]:
 
 
 class _Waiter:
-    __slots__ = ("qos", "arrived", "n", "granted")
+    __slots__ = ("qos", "arrived", "n", "short", "granted")
 
-    def __init__(self, qos: str, arrived: float, n: int):
-        self.qos, self.arrived, self.n, self.granted = qos, arrived, n, False
+    def __init__(self, qos: str, arrived: float, n: int, short: bool):
+        self.qos, self.arrived, self.n, self.short, self.granted = qos, arrived, n, short, False
 
 
 class DeviceLock:
@@ -91,12 +93,12 @@ class DeviceLock:
             self._dispatch()
         return self.figures()
 
-    def acquire(self, qos: str = "interactive") -> None:
+    def acquire(self, qos: str = "interactive", short: bool = True) -> None:
         qos = qos if qos in _RANK else "interactive"
         with self._cond:
             if self.shares and not self._active(qos):
                 self._pass[qos] = max(self._pass[qos], self._vtime)
-            me = _Waiter(qos, self._clock(), next(self._order))
+            me = _Waiter(qos, self._clock(), next(self._order), short)
             self._waiting.append(me)
             self._dispatch()
             while not me.granted:
@@ -162,6 +164,8 @@ class DeviceLock:
             else:
                 cls = min(present, key=_RANK.__getitem__)
             ws = [w for w in ws if w.qos == cls]
+            if any(w.short for w in ws):
+                ws = [w for w in ws if w.short]
         newest_first = self.lifo and len(self._waiting) > self.max_concurrency
         return (max if newest_first else min)(ws, key=lambda w: w.n)
 

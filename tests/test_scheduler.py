@@ -195,12 +195,15 @@ def _waiting(lock) -> int:
     return sum(lock.figures()["waiting"].values())
 
 
-def grant_order(lock, classes, hold=None) -> list[str]:
-    """Queue one thread per class (in this order) behind a held slot, release it; the order served."""
-    order, threads = [], []
+def grant_order(lock, classes, hold=None, short=None) -> list[str]:
+    """Queue one thread per class (in this order) behind a held slot, release it; the order served.
 
-    def run(name, qos):
-        lock.acquire(qos)
+    `short`: whether each waiter's segment is short (a decode step); all are by default."""
+    order, threads = [], []
+    short = short or [True] * len(classes)
+
+    def run(name, qos, is_short):
+        lock.acquire(qos, short=is_short)
         order.append(name)
         if hold:
             hold()
@@ -208,7 +211,7 @@ def grant_order(lock, classes, hold=None) -> list[str]:
 
     lock.acquire("realtime")
     for i, qos in enumerate(classes):
-        t = threading.Thread(target=run, args=(f"{qos}{i}", qos), daemon=True)
+        t = threading.Thread(target=run, args=(f"{qos}{i}", qos, short[i]), daemon=True)
         t.start()
         threads.append(t)
         deadline = time.monotonic() + 5
@@ -225,6 +228,14 @@ def grant_order(lock, classes, hold=None) -> list[str]:
 def test_realtime_is_served_before_batch():
     order = grant_order(DeviceLock(), ["batch", "interactive", "batch", "realtime"])
     assert order == ["realtime3", "interactive1", "batch0", "batch2"]
+
+
+def test_a_decode_step_goes_before_a_prefill_of_its_class_but_not_of_a_higher_one():
+    order = grant_order(DeviceLock(), ["interactive", "interactive", "batch", "realtime"],
+                        short=[False, True, True, False])
+    assert order == ["realtime3", "interactive1", "interactive0", "batch2"]
+    fcfs = grant_order(DeviceLock(fcfs=True), ["interactive", "interactive"], short=[False, True])
+    assert fcfs == ["interactive0", "interactive1"]
 
 
 def test_fcfs_ignores_classes():
