@@ -17,6 +17,11 @@ from .swappool import DiskTier, HostPool, Stored, u8
 QOS_RANK = {"batch": 0, "interactive": 1, "realtime": 2}
 
 
+def coldness(s) -> tuple:
+    """Eviction order, lowest first: waiting on I/O, then batch < interactive < realtime, then least recently used."""
+    return (s.phase != "IO_WAIT", QOS_RANK.get(s.qos, 1), s.last_used)
+
+
 class MemoryManager:
     def __init__(self, device: torch.device, budget: int, weights_bytes: int, host_pool: int, spill_dir, bus,
                  capacity: int = 0):
@@ -140,7 +145,7 @@ class MemoryManager:
         # Whatever is not pinned may go: paused, idle, or queued for the device (it swaps back in once it
         # holds the device). Only a session computing or being inspected is pinned.
         cands = [o for o in self.sessions.values() if o is not requester and o.charge and not o.pins]
-        return sorted(cands, key=lambda o: (o.phase != "IO_WAIT", QOS_RANK.get(o.qos, 1), o.last_used))
+        return sorted(cands, key=coldness)
 
     # -- swapping -------------------------------------------------------------------------------
     def swap_out(self, s, reason: str = "evict", tier: str | None = None) -> None:
@@ -197,9 +202,9 @@ class MemoryManager:
     def _demote_for(self, nbytes: int) -> None:
         """Move the coldest host-resident sessions to disk until `nbytes` fit in the host pool."""
         cold = sorted((o for o in self.sessions.values() if o.stored is not None and o.stored.tier == "host"),
-                      key=lambda o: (o.phase != "IO_WAIT", QOS_RANK.get(o.qos, 1), o.last_used))
+                      key=coldness)
         for o in cold:
-            if self._largest_free() >= nbytes:
+            if self.host.largest_free() >= nbytes:
                 return
             st = o.stored
             try:
@@ -214,9 +219,6 @@ class MemoryManager:
             ms = self._elapsed(t0, "disk")
             self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
                           gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
-
-    def _largest_free(self) -> int:
-        return max((size for _, size in self.host._free), default=0)
 
     def swap_in(self, s, reason: str = "demand") -> None:
         """Bring `s` back to the device, making room first; the storages are restored in place."""

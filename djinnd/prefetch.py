@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .memory import QOS_RANK
+from .memory import QOS_RANK, coldness
 from .protocol import DjinnError
 
 COUNTERS = ("prefetch_scheduled", "prefetch_done", "prefetch_hits", "prefetch_misses")
@@ -49,11 +49,6 @@ class _Wait:
     at: float  # monotonic seconds the prefetch fires
     token: int
     swaps: int | None  # s.swaps when last known resident; None while swapped out. A change means it moved.
-
-
-def _coldness(s):
-    """MemoryManager's victim order: lower is evicted first."""
-    return (s.phase != "IO_WAIT", QOS_RANK.get(s.qos, 1), s.last_used)
 
 
 class Prefetcher:
@@ -115,11 +110,11 @@ class Prefetcher:
     # -- hooks and timer -------------------------------------------------------------------------
     def computing(self, s) -> None:
         """A forward segment of `s` starts (or runs on after a breakpoint): its IO_WAIT is over."""
-        if s is None or (s.phase != "IO_WAIT" and s.id not in self._waits):
+        if s.phase != "IO_WAIT" and s.id not in self._waits:
             return
         self._settle(s, "forward")
         if s.phase == "IO_WAIT":
-            s.phase, s.expected_wake = "COMPUTE", None
+            s.phase = "COMPUTE"
             self._phase_event(s, "forward")
 
     def _settle(self, s, via: str) -> None:
@@ -212,7 +207,7 @@ class Prefetcher:
         need = s.stored.charge
         mine = (True, QOS_RANK.get(s.qos, 1), time.monotonic())  # as it will be: computing, just used
         for v in mem._victims(s):
-            if mem.used + need <= mem.budget or _coldness(v) >= mine:
+            if mem.used + need <= mem.budget or coldness(v) >= mine:
                 break
             try:
                 mem.swap_out(v, reason=reason)

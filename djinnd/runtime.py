@@ -7,6 +7,7 @@ While paused the thread gives up the device, so other sessions compute and the p
 swapped out; resume swaps it back before the thread runs on from the next layer.
 """
 
+import contextlib
 import contextvars
 import itertools
 import threading
@@ -318,30 +319,19 @@ class Runtime:
                     h[idx] = target * v
             return self._stats(s, None, None)
 
+    @contextlib.contextmanager
     def _paused_resident(self, s: Session):
-        runtime = self
-
-        class _Ctx:
-            def __enter__(self):
-                s.op_lock.acquire()
-                if s.state != "paused" or s.hidden is None or s.closing:
-                    s.op_lock.release()
-                    raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
-                runtime.mem.pin(s)
-                try:
-                    runtime.mem.swap_in(s, reason="inspect")
-                except BaseException:
-                    runtime.mem.unpin(s)
-                    s.op_lock.release()
-                    raise
+        """Hold `s` paused and on the device while inspect or patch acts on its hidden state."""
+        with s.op_lock:
+            if s.state != "paused" or s.hidden is None or s.closing:
+                raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
+            self.mem.pin(s)
+            try:
+                self.mem.swap_in(s, reason="inspect")
                 s.last_used = time.monotonic()
-
-            def __exit__(self, *exc):
-                runtime.mem.unpin(s)
-                s.op_lock.release()
-                return False
-
-        return _Ctx()
+                yield
+            finally:
+                self.mem.unpin(s)
 
     def _index(self, h, positions, channels):
         """Index of the selected positions (of this forward's tokens) and channels of hidden [1, T, H]."""
@@ -388,7 +378,6 @@ class Runtime:
             raise DjinnError("bad_params", "'expected_ms' must be a non-negative number")
         now = time.monotonic()
         s.phase = phase
-        s.expected_wake = now + expected_ms / 1000 if (phase == "IO_WAIT" and expected_ms is not None) else None
         self._event(s, "phase", phase=phase, expected_ms=expected_ms)
         if phase == "IO_WAIT":  # first to leave the device (at once under pressure), back before it is due
             self.prefetch.io_wait(s, expected_ms, now)

@@ -168,11 +168,3 @@ class DeviceLock:
                 ws = [w for w in ws if w.short]
         newest_first = self.lifo and len(self._waiting) > self.max_concurrency
         return (max if newest_first else min)(ws, key=lambda w: w.n)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False

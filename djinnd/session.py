@@ -21,7 +21,6 @@ class Session:
         self.state = "idle"  # idle | running | paused | closed
         self.layer: int | None = None  # where it is paused
         self.phase = "COMPUTE"
-        self.expected_wake: float | None = None  # monotonic time an IO_WAIT is expected to end
         self.breakpoints: list[int] = []
         self.hidden = None  # the paused layer's output, which inspect and patch act on
         self.held: list = []  # every activation the paused forward holds: swapped with the slab

@@ -55,6 +55,10 @@ class HostPool:
             self._free = merged
             self.used -= size
 
+    def largest_free(self) -> int:
+        with self._lock:
+            return max((size for _, size in self._free), default=0)
+
     def view(self, off: int, n: int) -> torch.Tensor:
         return self.buffer[off:off + n]
 
