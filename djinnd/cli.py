@@ -48,6 +48,8 @@ def print_status(socket, as_json: bool) -> None:
         f"(peak {format_size(m['peak_device_bytes'])}), host {format_size(m['host_bytes'])}, disk {format_size(m['disk_bytes'])}",
         f"swaps    {sw['swap_outs']} out, {sw['swap_ins']} in, p50 {sw['latency_ms']['p50']} ms",
     ]
+    if st.get("metrics_url"):
+        lines.append(f"metrics  {st['metrics_url']}")
     typer.echo("\n".join(lines))
 
 

@@ -101,7 +101,7 @@ def default_host_pool(device) -> int:
 def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None, host_pool: str | None,
                    dtype: str | None, logs_dir: Path, spill_dir: Path | None, sample_hz: float,
                    qos_fcfs: bool = False, escalation_ms: float | None = None, qos_shares: dict | None = None,
-                   max_concurrency: int = 1, lifo: bool = False) -> int:
+                   max_concurrency: int = 1, lifo: bool = False, metrics_port: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
     logsetup.setup()
     sys.setswitchinterval(0.001)  # hand the GIL over often: status must be answered while forwards run
@@ -152,6 +152,19 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
         os.umask(old_umask)
     chmod_socket(sock)
     chmod_socket(events_sock)
+    metrics = None
+    if metrics_port is not None:
+        from .metrics import MetricsServer
+        try:
+            metrics = MetricsServer(service, metrics_port)
+        except OSError as e:
+            log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, e)
+            server.close()
+            bus.close()
+            _cleanup(sock, lock_fd)
+            return 2
+        service.metrics_url = metrics.url
+        metrics.start()
     sampler = Sampler(bus, rt.mem, dev, sample_hz)
     sampler.start()
 
@@ -172,6 +185,8 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
     try:
         asyncio.run(main())
     finally:
+        if metrics is not None:
+            metrics.stop()
         sampler.stop()
         bus.emit("daemon", action="stopped", pid=os.getpid())
         bus.close()

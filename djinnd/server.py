@@ -31,7 +31,7 @@ class PubSink:
     def write(self, batch):
         for ev, line in batch:
             try:
-                self.sock.send_multipart([ev["type"].encode(), line.encode()], flags=zmq.NOBLOCK)
+                self.sock.send_multipart([ev["type"].encode(), line], flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a slow subscriber loses it and sees the gap in `seq`
 

@@ -22,6 +22,7 @@ class Service:
         self.scenarios = scenarios
         self.started = time.monotonic()
         self.stop_requested = False
+        self.metrics_url = None  # set when the Prometheus endpoint is on
 
     def handle(self, method: str, params: dict):
         fn = self.METHODS.get(method)
@@ -44,6 +45,7 @@ class Service:
                   "capacity_bytes": mem.capacity}
         return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.monotonic() - self.started, 3),
                 "socket": self.socket_path, "events_socket": self.events_path, "logs_dir": self.logs_dir,
+                "metrics_url": self.metrics_url,
                 "device": device,
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
                 "swap": mem.swap_figures(), "scheduler": self.rt.device_lock.figures(), "seq": self.bus.seq}

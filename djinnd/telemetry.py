@@ -51,7 +51,7 @@ class EventBus:
     def add_sink(self, sink) -> None:
         """A sink has write(batch) and close(); it is only ever called from the writer thread.
 
-        `batch` is a list of (event, its JSON text): each event is serialised once for every sink.
+        `batch` is a list of (event, its JSON as UTF-8 bytes): each event is serialised once for every sink.
         """
         self._sinks.append(sink)
 
@@ -85,7 +85,7 @@ class EventBus:
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            batch = [(e, json.dumps(e, separators=(",", ":"))) for e in batch if e is not None]
+            batch = [(e, json.dumps(e, separators=(",", ":")).encode()) for e in batch if e is not None]
             for sink in self._sinks:
                 try:
                     sink.write(batch)
@@ -121,7 +121,7 @@ class FileSink:
         while True:
             self.path = self.folder / (self.base if self.part == 0 else f"{self.base}.{self.part}")
             try:
-                self._f = open(self.path, "x", encoding="utf-8")  # never appends to, or truncates, a file
+                self._f = open(self.path, "xb")  # never appends to, or truncates, a file
                 break
             except FileExistsError:
                 self.part += 1
@@ -136,7 +136,7 @@ class FileSink:
             for _, line in batch:
                 if self._f is None:
                     self._open()
-                self._f.write(line + "\n")
+                self._f.write(line + b"\n")
                 self._size += len(line) + 1
                 if self._size >= self.max_bytes:
                     self._f.close()
@@ -205,14 +205,18 @@ class Sampler:
         return out
 
     def _run(self):
+        """A fixed-rate timer: a late wake-up (the GIL, a busy core) is made up by sampling again at
+        once, so the rate holds on average; a backlog beyond 0.1 s is dropped rather than burst."""
         due = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.bus.emit("vram", **self.sample())
             except Exception:
                 log.exception("sampler failed")
-            due = max(due + self.period, time.monotonic() - self.period)  # no burst after a stall
-            self._stop.wait(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            due = max(due + self.period, now - 0.1)
+            if due > now:
+                self._stop.wait(due - now)
 
     def stop(self):
         self._stop.set()

@@ -157,7 +157,7 @@ def test_thousands_of_events_a_second_keep_status_fast_and_lose_no_swap_event(ma
         worker.join()
         rate = (c.status()["seq"] - seq0) / (time.monotonic() - t0)
     print(f"\n{rate:.0f} events/s over 10 s; status p100 {max(latencies) * 1000:.1f} ms")
-    assert rate > 2000  # heavy load (the sampler is asked for 10,000/s; 2 busy cores give 3,500-9,000)
+    assert rate >= 10_000  # the sampler makes up late wake-ups, so a busy GIL does not thin the flood
     assert max(latencies) < 0.1
     d.stop()
     events = log_events(d)
@@ -230,3 +230,43 @@ def test_the_async_client_speaks_the_same_protocol(make_daemon):
             return (await c.status())["sessions"]
 
     assert asyncio.run(main()) == 0
+
+
+def test_the_prometheus_endpoint_serves_the_daemons_figures_on_loopback(make_daemon):
+    import re
+    import socket
+    import urllib.error
+    import urllib.request
+    d = tight(make_daemon, "--metrics-port", "0")
+    with d.client() as c:
+        drive(c, n=4)
+        status = c.status()
+    url = status["metrics_url"]
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    values, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif not line.startswith("#"):
+            m = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[a-z_]+"(?:,[a-z_]+="[a-z_]+")*\})? (-?[0-9.e+]+)', line)
+            assert m, f"not in the exposition format: {line!r}"
+            assert m[1] in typed, f"{m[1]} has no TYPE line"
+            values[m[1] + (m[2] or "")] = float(m[3])
+    assert values['djinn_swaps_total{direction="out"}'] == status["swap"]["swap_outs"] > 0
+    assert values['djinn_swap_bytes_total{direction="in"}'] == status["swap"]["bytes_in"] > 0
+    assert values["djinn_vram_budget_bytes"] == status["memory"]["budget_bytes"]
+    assert values['djinn_sessions{location="device"}'] == 0  # all closed
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url.replace("/metrics", "/"), timeout=5)
+    assert e.value.code == 404
+    with socket.socket() as taken:  # the port is taken: a second daemon refuses to start, with the reason
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "djinnd", "start", "--device", "cpu", "--socket",
+                            str(d.folder / "b.sock"), "--logs", str(d.logs), "--metrics-port",
+                            str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "cannot serve metrics" in r.stderr + r.stdout
+    assert not (d.folder / "b.sock").exists()
