@@ -120,6 +120,29 @@ class Runtime:
         s = self.get(sid)
         return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
 
+    def step_now(self, sid) -> int | None:
+        """One decode step of an idle, resident session, on the caller's thread, if it can start at
+        once (the device free, its KV with room for the token, the budget with room for its
+        activations); None, with nothing changed, otherwise.
+
+        The RPC loop answers token-by-token decoding this way: two thread hand-offs are most of
+        what a call costs over a small model's token.
+        """
+        s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
+        if (s is None or s.state != "idle" or s.closing or s.stored is not None or len(s.pending) != 1
+                or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity
+                or self.mem.used + 3 * self._act_bytes_per_token > self.mem.budget):
+            return None
+        if not self.device_lock.acquire(s.qos, wait=False):
+            return None
+        with s.cond:
+            if s.state != "idle" or s.closing:
+                self.device_lock.release()
+                return None
+            s.state, s.breakpoints, s.error, s.token = "running", [], None, None
+        self._forward(s, holding=True)
+        return self._wait(s)["token"]
+
     def run_to(self, sid, layers) -> dict:
         """Start the next forward with breakpoints after the given decoder layers; return at the first."""
         if isinstance(layers, int) and not isinstance(layers, bool):
@@ -173,12 +196,13 @@ class Runtime:
                 return {"state": "paused", "layer": s.layer}
             return {"state": s.state, "token": s.token}
 
-    def _forward(self, s: Session) -> None:
+    def _forward(self, s: Session, holding: bool = False) -> None:
         """One forward pass: compute on the device, pausing at breakpoints, then record the token."""
         running = _running.set(s)
         start_len = s.cache.seq_len
         try:
-            self.device_lock.acquire(s.qos, short=len(s.pending) == 1)  # a decode step goes before a prefill
+            if not holding:
+                self.device_lock.acquire(s.qos, short=len(s.pending) == 1)  # a decode step goes before a prefill
             self._enter(s, len(s.pending))
             with torch.no_grad():
                 ids = torch.tensor([s.pending], device=self.lm.device)

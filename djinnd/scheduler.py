@@ -93,9 +93,13 @@ class DeviceLock:
             self._dispatch()
         return self.figures()
 
-    def acquire(self, qos: str = "interactive", short: bool = True) -> None:
+    def acquire(self, qos: str = "interactive", short: bool = True, wait: bool = True) -> bool:
+        """Take a slot, waiting for the policy to grant one; with wait=False only if one is free and
+        nobody waits (False otherwise: the caller must not block)."""
         qos = qos if qos in _RANK else "interactive"
         with self._cond:
+            if not wait and (self._waiting or self._in_flight >= self.max_concurrency):
+                return False
             if self.shares and not self._active(qos):
                 self._pass[qos] = max(self._pass[qos], self._vtime)
             me = _Waiter(qos, self._clock(), next(self._order), short)
@@ -104,6 +108,7 @@ class DeviceLock:
             while not me.granted:
                 self._cond.wait()
             self._holders[threading.get_ident()] = (qos, self._clock())
+        return True
 
     def release(self) -> None:
         with self._cond:

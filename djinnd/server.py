@@ -1,7 +1,9 @@
 """The RPC adapter: a zmq ROUTER for request/reply and a PUB for events, over Unix sockets.
 
 The asyncio loop only moves frames: handlers that may block run on a worker pool, so `status`
-and `ping` are answered at once while forwards and swaps are under way.
+and `ping` are answered at once while forwards and swaps are under way. A decode step that can
+start at once (see Runtime.step_now) is the exception: the loop runs it, as the hop would cost
+more than the step.
 """
 
 import asyncio
@@ -14,7 +16,7 @@ import zmq.asyncio
 
 from . import protocol
 from .protocol import DjinnError
-from .service import SLOW
+from .service import NOT_NOW, SLOW
 
 log = logging.getLogger("djinnd.server")
 
@@ -76,6 +78,9 @@ class Server:
         except DjinnError as e:
             return self._send(ident, protocol.error(getattr(e, "rid", None), e.code, e.message))
         if method in SLOW:
+            reply = self._answer(rid, lambda: self.service.now(method, params))
+            if reply is not None:
+                return self._send(ident, reply)
             task = asyncio.ensure_future(self._answer_slow(ident, rid, method, params))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -87,9 +92,11 @@ class Server:
         fut = loop.run_in_executor(self.pool, self._answer, rid, lambda: self.service.handle(method, params))
         self._send(ident, await fut)
 
-    def _answer(self, rid, call) -> bytes:
+    def _answer(self, rid, call) -> bytes | None:
+        """The reply to `call()`'s result or error; None when the call says NOT_NOW."""
         try:
-            return protocol.ok(rid, call())
+            result = call()
+            return None if result is NOT_NOW else protocol.ok(rid, result)
         except DjinnError as e:
             return protocol.error(rid, e.code, e.message)
         except Exception as e:  # noqa: BLE001 - a request never takes the daemon down

@@ -13,6 +13,8 @@ from .sizes import parse_size
 SLOW = {"session.generate", "session.run_to", "session.resume", "session.inspect", "session.patch",
         "session.close", "session.signal_phase", "memory.set_budget", "session.create"}
 
+NOT_NOW = object()
+
 
 class Service:
     def __init__(self, runtime, bus, socket_path, events_path, scenarios=None, logs_dir=None):
@@ -33,6 +35,16 @@ class Service:
         except TypeError as e:
             raise DjinnError("bad_params", f"{method}: {e}") from None
         return fn(self, **params)
+
+    def now(self, method: str, params: dict):
+        """A SLOW method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
+        a worker): a one-token decode step of a resident session on a free device."""
+        if method == "session.generate" and params.keys() <= {"session", "max_new_tokens"} \
+                and params.get("max_new_tokens", 1) == 1 and type(params.get("max_new_tokens", 1)) is int:
+            token = self.rt.step_now(params.get("session"))
+            if token is not None:
+                return {"tokens": [token]}
+        return NOT_NOW
 
     # -- daemon ----------------------------------------------------------------------------------
     def ping(self):

@@ -3,12 +3,19 @@
 Through the daemon one session decodes with one generate(sid, 1) call per token (each token pays
 a round trip) and then with one generate(sid, n) call; in this process the same checkpoint, device
 and dtype decode with a plain greedy loop over a transformers DynamicCache, in the main thread and in a worker
-thread (the faster counts, as torch's CPU threading differs between them). Runs alternate, after
-one warm-up of each; the ratio is the median of each run's ratio to the in-process run beside it.
+thread (the faster counts, as torch's CPU threading differs between them). The floor is the same
+loop behind a bare zmq server, one request per token (decode_floor.py): the least any daemon could
+cost. Runs alternate, after one warm-up of each; a ratio is the median of each run's ratio to the
+in-process run beside it.
 """
 
+import json
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from djinnd.sizes import format_size
 
@@ -20,25 +27,59 @@ def needs_daemon(p: dict) -> bool:
 
 
 def run(ctx, p: dict):
-    import torch
-    from transformers import DynamicCache
-
     from djinnd.models import PRESETS, TINY, load_model, parse_dtype
 
     c = ctx.client
     st = ctx.status()
     model = st["model"]
     ctx.check_model(p["model"], model["name"])
-    n, reps = p["tokens"], p["repeats"]
     ids = prompt_ids(p["seed"], 0, p["prompt_len"], vocab_of(model))
     ctx.budget = st["memory"]["budget_bytes"]
-    math = capacity_math(model, 1, p["prompt_len"] + n + 1, ctx.budget)
+    math = capacity_math(model, 1, p["prompt_len"] + p["tokens"] + 1, ctx.budget)
     dev = st["device"]
     device = f"cuda:{dev['index'] or 0}" if dev["kind"] == "cuda" else "cpu"
     source = model["name"] if model["name"] in PRESETS or model["name"] == TINY else (model["path"] or model["name"])
-    ctx.say(f"decode: {n} tokens after a {p['prompt_len']}-token prompt, {reps} runs of each way; "
+    ctx.say(f"decode: {p['tokens']} tokens after a {p['prompt_len']}-token prompt, {p['repeats']} runs of each way; "
             f"loading {model['name']} in-process on {device} ({dev['dtype']}) for the in-process side")
     lm = load_model(source, device, parse_dtype(dev["dtype"]))
+    with _FloorServer(source, device, dev["dtype"]) as floor_server:
+        return _measure(ctx, p, c, model, ids, math, lm, device, floor_server)
+
+
+class _FloorServer:
+    """decode_floor.py in a process of its own, and a REQ socket to it."""
+
+    def __init__(self, source: str, device: str, dtype: str):
+        import zmq
+        self.folder = tempfile.TemporaryDirectory(prefix="djinn-floor-")
+        endpoint = f"ipc://{Path(self.folder.name) / 'floor.sock'}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "scenarios.decode_floor", source, device, dtype, endpoint],
+                                     cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+        self.sock = zmq.Context.instance().socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def step(self, ids=None, timeout_ms: int = 60_000) -> int:
+        self.sock.send(json.dumps(ids).encode())
+        if not self.sock.poll(timeout_ms):
+            raise RuntimeError(f"the floor server did not answer (exit code {self.proc.poll()})")
+        return int(self.sock.recv())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close(0)
+        self.proc.kill()
+        self.proc.wait()
+        self.folder.cleanup()
+
+
+def _measure(ctx, p, c, model, ids, math, lm, device, floor_server):
+    import torch
+    from transformers import DynamicCache
+
+    n, reps = p["tokens"], p["repeats"]
     sessions = 0
 
     def djinn(one_call: bool, count: int):
@@ -81,8 +122,16 @@ def run(ctx, p: dict):
         t.join()
         return out[0]
 
+    def floor(count: int):
+        toks, lat = [floor_server.step(ids, timeout_ms=600_000)], []  # the prefill (the first waits for the load)
+        for _ in range(count):
+            t0 = time.perf_counter()
+            toks.append(floor_server.step())
+            lat.append(time.perf_counter() - t0)
+        return toks, lat
+
     ways = {"djinn_per_call": lambda k: djinn(False, k), "djinn_one_call": lambda k: djinn(True, k),
-            "in_process": in_process, "in_process_thread": in_thread}
+            "in_process": in_process, "in_process_thread": in_thread, "floor": floor}
     for fn in ways.values():  # warm-up: first-call costs stay out of the figures
         fn(min(4, n))
     ctx.begin()
@@ -107,7 +156,9 @@ def run(ctx, p: dict):
 
     def paired(way):  # each run against the in-process runs beside it, so drift in the machine's load cancels
         return round(median([d / b for d, b in zip(figures[way]["runs_tokens_per_s"], best)]), 3)
-    ratio, ratio_one = paired("djinn_per_call"), paired("djinn_one_call")
+    ratio, ratio_one, ratio_floor = paired("djinn_per_call"), paired("djinn_one_call"), paired("floor")
+    of_floor = round(median([d / f for d, f in zip(figures["djinn_per_call"]["runs_tokens_per_s"],
+                                                   figures["floor"]["runs_tokens_per_s"])]), 3)
     reference = runs["in_process"][0][0]
     djinn_runs = runs["djinn_per_call"] + runs["djinn_one_call"]
     mismatches = sum(toks != reference for toks, _ in djinn_runs)
@@ -119,7 +170,7 @@ def run(ctx, p: dict):
         {"id": "throughput", "text": crit["throughput"]["text"], "ok": ratio >= min_ratio,
          "measured": f"ratio {ratio:.3f} (djinn {figures['djinn_per_call']['tokens_per_s']:.1f} tok/s per call, "
                      f"{figures['djinn_one_call']['tokens_per_s']:.1f} in one call; in-process {base:.1f}); "
-                     f"needs {min_ratio}"},
+                     f"needs {min_ratio}; the floor, a bare zmq server, reaches {ratio_floor:.3f}, djinn {of_floor:.3f} of it"},
         {"id": "tokens_match", "text": crit["tokens_match"]["text"], "ok": mismatches == 0,
          "measured": f"{mismatches} of {len(djinn_runs)} djinn runs differ from in-process"},
     ]
@@ -129,9 +180,10 @@ def run(ctx, p: dict):
             f"(p50 {figures['in_process']['latency_ms']['p50']} ms); weights {format_size(model['weights_bytes'])}")
     body = {"decode": {**figures, "in_process_best_tokens_per_s": base, "tokens": n, "prompt_len": p["prompt_len"],
                        "repeats": reps,
-                       "ratio": ratio, "ratio_one_call": ratio_one, "min_ratio": min_ratio},
+                       "ratio": ratio, "ratio_one_call": ratio_one, "ratio_floor": ratio_floor,
+                       "ratio_of_floor": of_floor, "min_ratio": min_ratio},
             "ratio": ratio, "capacity_math": math, "num_sessions_requested": sessions,
             "num_sessions_spawned": sessions, "num_sessions_completed": sessions,
             "integrity": {"checked_sessions": len(djinn_runs), "mismatches": mismatches},
-            "headline": {"ratio": ratio, "ratio_one_call": ratio_one}, **m}
+            "headline": {"ratio": ratio, "ratio_one_call": ratio_one, "ratio_floor": ratio_floor, "ratio_of_floor": of_floor}, **m}
     return body, criteria

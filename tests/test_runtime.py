@@ -244,3 +244,36 @@ def test_close_stops_a_generate_loop_and_frees_everything(rt, lm):
     time.sleep(0.1)
     assert s.state == "closed" and s.cache.slab is None and s.charge == 0
     assert rt.mem.used == lm.weights_bytes
+
+
+def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(rt):
+    ref = reference(rt)
+    s = rt.create(prompt=PROMPT)
+    assert rt.step_now(s.id) is None  # the prompt's prefill is no decode step
+    toks = rt.generate(s.id, 1)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_device():
+        rt.device_lock.acquire()
+        held.set()
+        release.wait()
+        rt.device_lock.release()
+
+    t = threading.Thread(target=hold_the_device)
+    t.start()
+    held.wait()
+    before = (s.state, s.cache.seq_len, list(s.generated))
+    assert rt.step_now(s.id) is None  # the device is busy: nothing changes
+    assert (s.state, s.cache.seq_len, list(s.generated)) == before
+    release.set()
+    t.join()
+    rt.mem.swap_out(s)
+    assert rt.step_now(s.id) is None  # swapped out: a swap-in is for a worker, not the caller
+    toks += rt.generate(s.id, 1)
+    while len(toks) < GEN:
+        token = rt.step_now(s.id)
+        assert token is not None
+        toks.append(token)
+    assert toks == ref
+    assert rt.step_now(999) is None and rt.step_now("1") is None

@@ -140,8 +140,9 @@ def test_decode_writes_its_ratio(shared, tmp_path):
     r = results(tmp_path / "d")
     assert r["status"] in ("pass", "fail")
     assert r["ratio"] > 0 and r["decode"]["ratio"] == r["ratio"]
-    for way in ("djinn_per_call", "djinn_one_call", "in_process"):
+    for way in ("djinn_per_call", "djinn_one_call", "in_process", "floor"):
         assert r["decode"][way]["tokens_per_s"] > 0 and r["decode"][way]["latency_ms"]["p50"] > 0
+    assert 0 < r["decode"]["ratio_floor"] and 0 < r["decode"]["ratio_of_floor"]
     assert r["integrity"]["mismatches"] == 0
     assert (r["status"] == "pass") == (r["ratio"] >= 0.9)
 
