@@ -103,6 +103,8 @@ class Prefetcher:
     def compute(self, s) -> None:
         """The session computes again: settle its IO_WAIT and bring it back now if it is out."""
         self._settle(s, "compute")
+        if s.stored is None:
+            return  # resident: a no-op, without waiting on the memory lock (a swap may hold it)
         with self.mem.lock:
             if self.mem.sessions.get(s.id) is s and s.stored is not None:
                 self._bring_in(s, "compute")

@@ -201,8 +201,9 @@ class Runtime:
         running = _running.set(s)
         start_len = s.cache.seq_len
         try:
+            s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
             if not holding:
-                self.device_lock.acquire(s.qos, short=len(s.pending) == 1)  # a decode step goes before a prefill
+                self.device_lock.acquire(s.qos, short=not s.long_segment)  # a decode step goes before a prefill
             self._enter(s, len(s.pending))
             with torch.no_grad():
                 ids = torch.tensor([s.pending], device=self.lm.device)
@@ -273,7 +274,11 @@ class Runtime:
 
     def _layer_hook(self, index, module, args, kwargs, output):
         s = _running.get()
-        if s is None or index not in s.breakpoints:
+        if s is None:
+            return None
+        if index not in s.breakpoints:
+            if s.long_segment and index < self.lm.num_layers - 1:
+                self.device_lock.hand_over()
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         layer_input = args[0] if args else kwargs.get("hidden_states")

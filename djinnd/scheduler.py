@@ -71,13 +71,14 @@ class DeviceLock:
         self.max_concurrency, self.lifo, self._clock = max_concurrency, lifo, clock
         self._cond = threading.Condition()
         self._waiting: list[_Waiter] = []
-        self._holders: dict[int, tuple[str, float]] = {}  # thread id -> (class, granted at)
+        self._holders: dict[int, tuple[_Waiter, float]] = {}  # thread id -> (its request, granted at)
         self._in_flight = 0  # granted slots, counted from the grant (before the thread wakes)
         self._order = itertools.count()
         self._pass = {c: 0.0 for c in QOS_CLASSES}
         self._vtime = 0.0  # the pass of the class served last
         self.served = {c: 0 for c in QOS_CLASSES}
         self.busy_s = {c: 0.0 for c in QOS_CLASSES}
+        self.handovers = 0
 
     def configure(self, **settings) -> dict:
         """Change fcfs, escalation_s, shares, max_concurrency or lifo on a live lock (a scenario's A/B
@@ -105,23 +106,56 @@ class DeviceLock:
             me = _Waiter(qos, self._clock(), next(self._order), short)
             self._waiting.append(me)
             self._dispatch()
-            while not me.granted:
-                self._cond.wait()
-            self._holders[threading.get_ident()] = (qos, self._clock())
+            self._wait_for(me)
         return True
+
+    def _wait_for(self, me: _Waiter) -> None:
+        while not me.granted:
+            self._cond.wait()
+        self._holders[threading.get_ident()] = (me, self._clock())
 
     def release(self) -> None:
         with self._cond:
-            held = self._holders.pop(threading.get_ident(), None)
-            if held is None:
-                raise RuntimeError("release of a DeviceLock slot this thread does not hold")
-            qos, since = held
-            dt = max(0.0, self._clock() - since)
-            self.busy_s[qos] += dt
-            if self.shares:
-                self._pass[qos] += dt / self.shares[qos]
-            self._in_flight -= 1
-            self._dispatch()
+            self._release()
+
+    def _release(self) -> None:
+        held = self._holders.pop(threading.get_ident(), None)
+        if held is None:
+            raise RuntimeError("release of a DeviceLock slot this thread does not hold")
+        me, since = held
+        dt = max(0.0, self._clock() - since)
+        self.busy_s[me.qos] += dt
+        if self.shares:
+            self._pass[me.qos] += dt / self.shares[me.qos]
+        self._in_flight -= 1
+        self._dispatch()
+
+    def hand_over(self) -> bool:
+        """Called between two layers of a long segment (a prefill): when a waiter that the policy
+        puts first is queued (a decode step, another class; never under fcfs, the non-preemptive
+        baseline), give it the slot and queue again in this segment's own place. True if it did.
+
+        A layer is the unit of preemption: the segment's computation is unchanged, so its results
+        are bit for bit the same, only later.
+        """
+        if self.fcfs or not self._waiting:  # an unlocked peek: a stale answer costs one layer's delay
+            return False
+        with self._cond:
+            held = self._holders.get(threading.get_ident())
+            if held is None or not self._waiting:
+                return False
+            me = held[0]
+            me.granted, me.arrived = False, self._clock()  # it was just served: not late
+            self._waiting.append(me)
+            first = self._pick()
+            if first is me or not (first.short or first.qos != me.qos):  # never to a peer long segment
+                self._waiting.remove(me)
+                me.granted = True
+                return False
+            self.handovers += 1
+            self._release()  # frees this slot and grants it to `first`; `me` waits in its place
+            self._wait_for(me)
+        return True
 
     def held_by_me(self) -> bool:
         with self._cond:
@@ -135,11 +169,12 @@ class DeviceLock:
                     "escalation_ms": None if self.escalation_s is None else self.escalation_s * 1000,
                     "shares": dict(self.shares) if self.shares else None, "in_flight": self._in_flight,
                     "waiting": {c: sum(w.qos == c for w in self._waiting) for c in QOS_CLASSES},
-                    "served": dict(self.served), "busy_s": {c: round(v, 6) for c, v in self.busy_s.items()}}
+                    "served": dict(self.served), "busy_s": {c: round(v, 6) for c, v in self.busy_s.items()},
+                    "handovers": self.handovers}
 
     # -- choosing ----------------------------------------------------------------------------------
     def _active(self, qos: str) -> bool:
-        return any(w.qos == qos for w in self._waiting) or any(q == qos for q, _ in self._holders.values())
+        return any(w.qos == qos for w in self._waiting) or any(w.qos == qos for w, _ in self._holders.values())
 
     def _dispatch(self) -> None:
         """Hand free slots to the chosen waiters; they wake and find themselves granted."""

@@ -38,12 +38,18 @@ class Service:
 
     def now(self, method: str, params: dict):
         """A SLOW method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
-        a worker): a one-token decode step of a resident session on a free device."""
+        a worker): a one-token decode step of a resident session on a free device, or COMPUTE for
+        a resident session (a no-op but for the phase)."""
         if method == "session.generate" and params.keys() <= {"session", "max_new_tokens"} \
                 and params.get("max_new_tokens", 1) == 1 and type(params.get("max_new_tokens", 1)) is int:
             token = self.rt.step_now(params.get("session"))
             if token is not None:
                 return {"tokens": [token]}
+        elif method == "session.signal_phase" and params.get("phase") == "COMPUTE" \
+                and params.keys() <= {"session", "phase", "expected_ms"}:
+            s = self.rt.sessions.get(params.get("session")) if type(params.get("session")) is int else None
+            if s is not None and s.stored is None:
+                return self.handle(method, params)
         return NOT_NOW
 
     # -- daemon ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class Session:
         self.act_charge = 0
         self.pins = 0
         self.forward_pinned = False
+        self.long_segment = False  # the running forward is a prefill (see DeviceLock.hand_over)
         self.stored = None
         self.swaps = 0
         self.last_swap_ms: float | None = None

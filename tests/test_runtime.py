@@ -277,3 +277,31 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
         toks.append(token)
     assert toks == ref
     assert rt.step_now(999) is None and rt.step_now("1") is None
+
+
+def test_a_long_prefill_lets_a_decode_step_through_and_its_tokens_do_not_change(rt, lm):
+    long_prompt = [3 + i % 500 for i in range(1500)]
+    ref = rt.create(token_ids=long_prompt)
+    expected = rt.generate(ref.id, 2)
+    rt.close(ref.id)
+    other = rt.create(prompt=PROMPT)
+    rt.generate(other.id, 1)
+    s = rt.create(token_ids=long_prompt)
+    done = {}
+
+    def prefill():
+        done["tokens"] = rt.generate(s.id, 2)
+        done["at"] = time.monotonic()
+
+    t = threading.Thread(target=prefill)
+    t.start()
+    deadline = time.monotonic() + 10
+    while rt.device_lock.figures()["in_flight"] == 0 or s.state != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.0005)
+    rt.generate(other.id, 1)  # queued behind the prefill: it is let through at the next layer
+    decoded_at = time.monotonic()
+    t.join()
+    assert decoded_at < done["at"]
+    assert rt.device_lock.figures()["handovers"] >= 1
+    assert done["tokens"] == expected  # the layers ran as before, only later

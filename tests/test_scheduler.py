@@ -238,6 +238,42 @@ def test_a_decode_step_goes_before_a_prefill_of_its_class_but_not_of_a_higher_on
     assert fcfs == ["interactive0", "interactive1"]
 
 
+def hand_over_to(lock, holder_qos, waiter_qos, waiter_short) -> tuple[bool, list[str]]:
+    """A long segment of `holder_qos` holds the slot while one waiter queues; between two of its
+    "layers" it offers the slot. Whether it handed over, and the order in which the two ran."""
+    order = []
+
+    def waiter():
+        lock.acquire(waiter_qos, short=waiter_short)
+        order.append("waiter")
+        lock.release()
+
+    lock.acquire(holder_qos, short=False)
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while _waiting(lock) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    handed = lock.hand_over()
+    order.append("holder")
+    lock.release()
+    t.join(5)
+    assert not t.is_alive() and lock.held_by_me() is False
+    return handed, order
+
+
+def test_a_prefill_hands_the_device_to_a_decode_step_or_a_higher_class_between_layers():
+    assert hand_over_to(DeviceLock(), "interactive", "interactive", True) == (True, ["waiter", "holder"])
+    assert hand_over_to(DeviceLock(), "batch", "realtime", False) == (True, ["waiter", "holder"])
+    assert hand_over_to(DeviceLock(), "interactive", "interactive", False) == (False, ["holder", "waiter"])  # a peer
+    assert hand_over_to(DeviceLock(), "realtime", "batch", True) == (False, ["holder", "waiter"])
+    assert hand_over_to(DeviceLock(fcfs=True), "batch", "realtime", True) == (False, ["holder", "waiter"])
+    lock = DeviceLock()
+    hand_over_to(lock, "interactive", "interactive", True)
+    assert lock.figures()["handovers"] == 1 and lock.figures()["in_flight"] == 0
+
+
 def test_fcfs_ignores_classes():
     order = grant_order(DeviceLock(fcfs=True), ["batch", "interactive", "realtime"])
     assert order == ["batch0", "interactive1", "realtime2"]
