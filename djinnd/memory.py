@@ -3,6 +3,11 @@
 A session is charged for its KV slab and its held activations before they are allocated
 (`reserve`), and sessions that are paused or idle are swapped out, coldest first, to make room.
 Swapped state goes to the host pool, then to disk; it comes back bit for bit.
+
+Two locks. `lock` serialises swaps and is held through their copies. `acct` guards the books
+(charges, pins, where a session's state is) and is only ever held for a moment, so a forward of a
+resident session (pin, reserve what fits, release, unpin) never waits behind another's swap. A
+swap-out commits under `acct`, and drops its copy if a forward pinned the session meanwhile.
 """
 
 import threading
@@ -33,8 +38,10 @@ class MemoryManager:
         self.host = HostPool(host_pool, pinned=self.cuda)
         self.disk = DiskTier(spill_dir, pinned=self.cuda)
         self.bus = bus
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
+        self.lock = threading.RLock()  # swaps, one at a time, held through the copy
+        self.acct = threading.Lock()  # the books: charges, pins, `stored`; held briefly
+        self.changed = threading.Condition(self.acct)
+        self._version = 0  # bumped on every change a waiting reserve may care about
         self.sessions: dict[int, object] = {}
         self.peak = self.used
         self.swap_enabled = True
@@ -65,16 +72,20 @@ class MemoryManager:
         return out
 
     def register(self, s) -> None:
-        with self.lock:
+        with self.acct:
             self.sessions[s.id] = s
 
     def unregister(self, s) -> None:
         """Forget a closed session and free whatever it holds in every tier."""
-        with self.lock:
+        with self.lock, self.acct:
             self.sessions.pop(s.id, None)
             self._drop_stored(s)
             s.charge = 0
-            self.changed.notify_all()
+            self._changed()
+
+    def _changed(self) -> None:  # holding acct
+        self._version += 1
+        self.changed.notify_all()
 
     def reset_peak(self) -> None:
         """Start the peak over from now (a scenario run measures its own)."""
@@ -89,41 +100,58 @@ class MemoryManager:
 
     def pin(self, s) -> None:
         """Keep `s` from being swapped out (it is computing, or being inspected)."""
-        with self.lock:
+        with self.acct:
             s.pins += 1
 
     def unpin(self, s) -> None:
-        with self.lock:
+        with self.acct:
             s.pins -= 1
-            self.changed.notify_all()
+            self._changed()
 
-    def reserve(self, s, nbytes: int, timeout: float = 60.0) -> None:
+    def reserve(self, s, nbytes: int, timeout: float = 60.0, make_room: bool = True) -> None:
         """Charge `s` for `nbytes` more device bytes, swapping colder sessions out first.
 
         Waits while the room is held by sessions that are running right now; fails at once when the
-        request could never fit.
+        request could never fit, or when it does not fit now and `make_room` is False.
         """
         if nbytes <= 0:
             return
-        with self.lock:
-            if self.weights_bytes + s.charge + nbytes > self.budget:
-                raise DjinnError("out_of_budget", f"session {s.id} needs {s.charge + nbytes} B on the device; "
-                                 f"the budget leaves {self.budget - self.weights_bytes} B beside the weights")
-            deadline = time.monotonic() + timeout
-            while not self._make_room(nbytes, s):
-                if not self.swap_enabled and not self._pinned_others(s):
-                    raise DjinnError("out_of_budget", f"session {s.id} needs {nbytes} B more and swapping is off")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DjinnError("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions")
-                self.changed.wait(min(left, 0.5))
-            s.charge += nbytes
-            self.peak = max(self.peak, self.used)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.acct:
+                if self.weights_bytes + s.charge + nbytes > self.budget:
+                    raise DjinnError("out_of_budget", f"session {s.id} needs {s.charge + nbytes} B on the device; "
+                                     f"the budget leaves {self.budget - self.weights_bytes} B beside the weights")
+                if self._charge_if_fits(s, nbytes):
+                    return
+            if not make_room:
+                raise DjinnError("out_of_budget", f"no room for {nbytes} B without swapping others out")
+            with self.lock:
+                self._make_room(nbytes, s)
+                with self.acct:
+                    if self._charge_if_fits(s, nbytes):
+                        return
+                    if not self.swap_enabled and not self._pinned_others(s):
+                        raise DjinnError("out_of_budget", f"session {s.id} needs {nbytes} B more and swapping is off")
+                    seen = self._version
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DjinnError("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions")
+            with self.acct:
+                if self._version == seen:  # nothing was unpinned or released meanwhile
+                    self.changed.wait(min(left, 0.5))
+
+    def _charge_if_fits(self, s, nbytes: int) -> bool:  # holding acct
+        if self.used + nbytes > self.budget:
+            return False
+        s.charge += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
 
     def release(self, s, nbytes: int) -> None:
-        with self.lock:
+        with self.acct:
             s.charge = max(0, s.charge - nbytes)
-            self.changed.notify_all()
+            self._changed()
 
     def _pinned_others(self, s) -> bool:
         return any(o.pins and o is not s and o.charge for o in self.sessions.values())
@@ -144,14 +172,15 @@ class MemoryManager:
             return []
         # Whatever is not pinned may go: paused, idle, or queued for the device (it swaps back in once it
         # holds the device). Only a session computing or being inspected is pinned.
-        cands = [o for o in self.sessions.values() if o is not requester and o.charge and not o.pins]
+        cands = [o for o in self.sessions.values()
+                 if o is not requester and o.charge and not o.pins and o.stored is None]
         return sorted(cands, key=coldness)
 
     # -- swapping -------------------------------------------------------------------------------
     def swap_out(self, s, reason: str = "evict", tier: str | None = None) -> None:
         """Copy every device tensor of `s` to the host pool (or disk), then free the device storage in place."""
         with self.lock:
-            if s.stored is not None or s.pins:
+            if s.stored is not None or s.pins or self.sessions.get(s.id) is not s:
                 return
             storages = _unique_storages(s.swappable_tensors())
             sizes = [st.nbytes() for st in storages]
@@ -165,17 +194,23 @@ class MemoryManager:
                     stored = Stored("disk", sizes, s.charge)
                     stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}", [u8(st) for st in storages], total)
             except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
-                self.counters["failures"] += 1
+                self.count("failures")
                 self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
             ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
-            for st in storages:
-                st.resize_(0)  # every view the paused forward holds stays valid, now without memory
+            with self.acct:
+                if s.pins:  # a forward started meanwhile: it keeps its device copy
+                    s.stored = stored
+                    self._drop_stored(s)
+                    return
+                for st in storages:
+                    st.resize_(0)  # every view the paused forward holds stays valid, now without memory
+                stored.charge = s.charge
+                s.stored, s.charge = stored, 0
+                self._changed()
             if not self.cuda:
                 ms = self._elapsed(t0)  # on the CPU, giving the pages back is part of the cost
-            s.stored, s.charge = stored, 0
             self._account("out", s, stored.tier, total, ms, reason)
-            self.changed.notify_all()
 
     def _to_host(self, storages, sizes, charge) -> Stored | None:
         total = sum(sizes)
@@ -213,20 +248,26 @@ class MemoryManager:
             except OSError as e:
                 self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
                 return
-            self.host.release(st.offset, st.nbytes)
-            o.stored = Stored("disk", st.sizes, st.charge, path=path)
-            self.counters["demotions"] += 1
+            with self.acct:
+                self.host.release(st.offset, st.nbytes)
+                o.stored = Stored("disk", st.sizes, st.charge, path=path)
+            self.count("demotions")
             ms = self._elapsed(t0, "disk")
             self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
                           gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
 
-    def swap_in(self, s, reason: str = "demand") -> None:
-        """Bring `s` back to the device, making room first; the storages are restored in place."""
+    def swap_in(self, s, reason: str = "demand", make_room: bool = True) -> None:
+        """Bring `s` back to the device, making room first (see `reserve`); the storages are restored in place."""
+        stored = s.stored
+        if stored is None:
+            return
+        need = stored.charge
+        self.reserve(s, need, make_room=make_room)
         with self.lock:
             stored = s.stored
-            if stored is None:
+            if stored is None or self.sessions.get(s.id) is not s:  # brought back (or closed) meanwhile
+                self.release(s, need)
                 return
-            self.reserve(s, stored.charge)
             storages = _unique_storages(s.swappable_tensors())
             t0 = self._timer()
             try:
@@ -244,13 +285,14 @@ class MemoryManager:
             except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
                 for st in storages:
                     st.resize_(0)
-                s.charge -= stored.charge
-                self.changed.notify_all()
-                self.counters["failures"] += 1
+                self.release(s, need)
+                self.count("failures")
                 self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None
             ms = self._elapsed(t0, stored.tier)
-            self._drop_stored(s)
+            with self.acct:
+                self._drop_stored(s)
+                self._changed()
             self._account("in", s, stored.tier, stored.nbytes, ms, reason)
 
     def _drop_stored(self, s) -> None:
@@ -262,10 +304,14 @@ class MemoryManager:
         else:
             self.disk.remove(st.path, st.nbytes)
 
+    def count(self, key: str, n: int = 1) -> None:
+        with self.acct:
+            self.counters[key] = self.counters.get(key, 0) + n
+
     def _account(self, direction, s, tier, nbytes, ms, reason) -> None:
         gbps = _gbps(nbytes, ms)
-        self.counters["swap_outs" if direction == "out" else "swap_ins"] += 1
-        self.counters["bytes_out" if direction == "out" else "bytes_in"] += nbytes
+        self.count("swap_outs" if direction == "out" else "swap_ins")
+        self.count("bytes_out" if direction == "out" else "bytes_in", nbytes)
         self.latencies.append((direction, ms, gbps))
         s.swaps += 1
         s.last_swap_ms = round(ms, 3)

@@ -62,9 +62,8 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="djinn-prefetch", daemon=True)
-        with mem.lock:
-            for k in COUNTERS:
-                mem.counters.setdefault(k, 0)
+        for k in COUNTERS:
+            mem.count(k, 0)
 
     def start(self) -> "Prefetcher":
         self._thread.start()
@@ -97,7 +96,7 @@ class Prefetcher:
             self._waits[s.id] = w
             heapq.heappush(self._heap, (at, w.token, s.id))
             self._cond.notify_all()
-        self._count("prefetch_scheduled")
+        self.mem.count("prefetch_scheduled")
         self._emit(w, "scheduled", (at - signalled) * 1000, lead_ms=round(lead, 3), bytes=nbytes)
 
     def compute(self, s) -> None:
@@ -126,7 +125,7 @@ class Prefetcher:
         if w is None:
             return
         hit = s.stored is None and w.swaps == s.swaps
-        self._count("prefetch_hits" if hit else "prefetch_misses")
+        self.mem.count("prefetch_hits" if hit else "prefetch_misses")
         self._emit(w, "hit" if hit else "miss", (time.monotonic() - w.signalled) * 1000, via=via)
 
     def _run(self) -> None:
@@ -172,10 +171,10 @@ class Prefetcher:
             return
         if ok:
             if was_out:
-                self._count("prefetch_done")
+                self.mem.count("prefetch_done")
             self._emit(w, "done", at_ms, swapped_in=was_out)
         else:  # no room without evicting warmer sessions: the wake-up will pay the swap-in
-            self._count("prefetch_misses")
+            self.mem.count("prefetch_misses")
             self._emit(w, "miss", at_ms, via="no_room")
 
     # -- memory ------------------------------------------------------------------------------------
@@ -218,16 +217,13 @@ class Prefetcher:
         if mem.used + need > mem.budget:
             return False
         try:
-            mem.swap_in(s, reason=reason)  # it fits, so the reservation does not wait
+            mem.swap_in(s, reason=reason, make_room=False)  # it fits, unless a forward took the room meanwhile
         except DjinnError:
             return False
         s.last_used = time.monotonic()
         return True
 
     # -- reporting -----------------------------------------------------------------------------------
-    def _count(self, key: str) -> None:
-        with self.mem.lock:
-            self.mem.counters[key] = self.mem.counters.get(key, 0) + 1
 
     def _emit(self, w: _Wait, action: str, at_ms: float, **extra) -> None:
         self.bus.emit("prefetch", session=w.session.id, action=action, at_ms=round(at_ms, 3),

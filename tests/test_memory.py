@@ -218,3 +218,39 @@ def test_a_session_larger_than_the_host_pool_goes_to_disk_and_demotes_nobody(mak
     rt.mem.swap_out(big)
     assert big.location == "disk" and [s.location for s in small] == ["host", "host"]
     assert rt.mem.counters["demotions"] == 0
+
+
+def test_a_resident_sessions_decode_does_not_wait_behind_anothers_slow_swap(make_rt):
+    import threading
+    import time
+    rt = make_rt()
+    slow, busy = rt.create(prompt=PROMPT), rt.create(prompt=PROMPT)
+    rt.generate(slow.id, 1)
+    rt.generate(busy.id, 1)
+    write = rt.mem.disk.write
+    started = threading.Event()
+
+    def slow_write(*args):  # a disk that takes half a second (the write itself still happens)
+        started.set()
+        time.sleep(0.5)
+        return write(*args)
+
+    rt.mem.disk.write = slow_write
+    t = threading.Thread(target=rt.mem.swap_out, args=(slow,), kwargs={"tier": "disk"})
+    t.start()
+    started.wait(5)
+    t0 = time.monotonic()
+    rt.generate(busy.id, 2)  # pins, reserves its activations and releases them: the books, not the swap lock
+    took = time.monotonic() - t0
+    t.join()
+    assert slow.location == "disk" and took < 0.4
+    # and a swap-out that a forward overtakes (pinned before it commits) is dropped: the forward keeps its copy
+    started.clear()
+    t = threading.Thread(target=rt.mem.swap_out, args=(busy,), kwargs={"tier": "disk"})
+    t.start()
+    started.wait(5)
+    rt.mem.pin(busy)
+    t.join()
+    rt.mem.unpin(busy)
+    assert busy.location == "device" and rt.mem.disk.used == slow.stored.nbytes
+    assert rt.generate(slow.id, 1) and slow.location == "device"
