@@ -23,8 +23,9 @@ QOS_RANK = {"batch": 0, "interactive": 1, "realtime": 2}
 
 
 def coldness(s) -> tuple:
-    """Eviction order, lowest first: waiting on I/O, then batch < interactive < realtime, then least recently used."""
-    return (s.phase != "IO_WAIT", QOS_RANK.get(s.qos, 1), s.last_used)
+    """Eviction order, lowest first: waiting on I/O; then paused or idle before a forward queued for
+    the device; then batch < interactive < realtime; then least recently used."""
+    return (s.phase != "IO_WAIT", s.state == "running", QOS_RANK.get(s.qos, 1), s.last_used)
 
 
 class MemoryManager:

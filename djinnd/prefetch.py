@@ -102,6 +102,7 @@ class Prefetcher:
     def compute(self, s) -> None:
         """The session computes again: settle its IO_WAIT and bring it back now if it is out."""
         self._settle(s, "compute")
+        s.last_used = time.monotonic()  # about to compute: the last to be evicted of its class
         if s.stored is None:
             return  # resident: a no-op, without waiting on the memory lock (a swap may hold it)
         with self.mem.lock:
@@ -200,16 +201,22 @@ class Prefetcher:
             pass  # reported by the memory manager; the session stays resident
 
     def _bring_in(self, s, reason: str) -> bool:
-        """Swap `s` in, evicting only sessions colder than it; False when that leaves no room. Holds mem.lock."""
+        """Swap `s` in, evicting only sessions colder than it and none expected to wake up before it;
+        False when that leaves no room. Holds mem.lock."""
         mem = self.mem
         if s.stored is None:
             s.last_used = time.monotonic()
             return True
         need = s.stored.charge
-        mine = (True, QOS_RANK.get(s.qos, 1), time.monotonic())  # as it will be: computing, just used
+        mine = (True, False, QOS_RANK.get(s.qos, 1), time.monotonic())  # as it will be: about to compute, just used
+        with self._cond:
+            wakes = {sid: w.signalled + w.expected_ms / 1000 for sid, w in self._waits.items()}
+        my_wake = wakes.get(s.id, time.monotonic())
         for v in mem._victims(s):
             if mem.used + need <= mem.budget or coldness(v) >= mine:
                 break
+            if wakes.get(v.id, float("inf")) <= my_wake:
+                continue  # back on the device for an earlier wake-up (or never left): evicting it would only cost it
             try:
                 mem.swap_out(v, reason=reason)
             except DjinnError:

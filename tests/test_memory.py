@@ -254,3 +254,38 @@ def test_a_resident_sessions_decode_does_not_wait_behind_anothers_slow_swap(make
     rt.mem.unpin(busy)
     assert busy.location == "device" and rt.mem.disk.used == slow.stored.nbytes
     assert rt.generate(slow.id, 1) and slow.location == "device"
+
+
+def test_eviction_order_leaves_a_session_queued_for_the_device_to_last_in_its_class():
+    from types import SimpleNamespace as S
+
+    from djinnd.memory import coldness
+    idle_old = S(phase="COMPUTE", state="idle", qos="interactive", last_used=1.0)
+    queued = S(phase="COMPUTE", state="running", qos="batch", last_used=0.0)
+    waiting = S(phase="IO_WAIT", state="idle", qos="realtime", last_used=9.0)
+    paused = S(phase="COMPUTE", state="paused", qos="realtime", last_used=0.5)
+    order = sorted([queued, idle_old, waiting, paused], key=coldness)
+    assert order == [waiting, idle_old, paused, queued]
+
+
+def test_a_prefetch_does_not_evict_a_session_prefetched_for_an_earlier_wake_up(make_rt):
+    import time
+    rt = make_rt()
+    a, b, c, d = (rt.create(prompt=f"{PROMPT} {i}") for i in range(4))
+    for s in (a, b):
+        rt.generate(s.id, 1)
+    rt.mem.set_budget(rt.mem.weights_bytes + a.charge + b.charge + 4096)  # room for two
+    t0 = time.monotonic()
+    rt.signal_phase(a.id, "IO_WAIT", expected_ms=400)  # under pressure: out at once, back before 400 ms
+    rt.signal_phase(b.id, "IO_WAIT", expected_ms=1200)
+    rt.generate(c.id, 1)  # b, waiting on I/O, is the first to make room
+    rt.generate(d.id, 1)
+    assert a.location == "host" and b.location == "host"
+    time.sleep(max(0, t0 + 0.6 - time.monotonic()))
+    assert a.location == "device"  # prefetched, evicting the colder of c and d
+    gone = c if c.location == "host" else d
+    stays = d if gone is c else c
+    rt.generate(stays.id, 1)  # now it was used after a's prefetch: warmer than a by recency
+    time.sleep(max(0, t0 + 1.3 - time.monotonic()))
+    assert b.location == "device" and a.location == "device"  # b's prefetch took `stays`, not a
+    assert stays.location == "host"
