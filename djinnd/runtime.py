@@ -129,19 +129,23 @@ class Runtime:
         what a call costs over a small model's token.
         """
         s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
-        if (s is None or s.state != "idle" or s.closing or s.stored is not None or len(s.pending) != 1
+        if (s is None or s.state != "idle" or s.closing or len(s.pending) != 1
                 or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity
                 or self.mem.used + 3 * self._act_bytes_per_token > self.mem.budget):
             return None
-        if not self.device_lock.acquire(s.qos, wait=False):
-            return None
-        with s.cond:
-            if s.state != "idle" or s.closing:
-                self.device_lock.release()
+        self.mem.pin(s)  # from here no swap-out can take it: resident now means resident for the step
+        try:
+            if s.stored is not None or not self.device_lock.acquire(s.qos, wait=False):
                 return None
-            s.state, s.breakpoints, s.error, s.token = "running", [], None, None
-        self._forward(s, holding=True)
-        return self._wait(s)["token"]
+            with s.cond:
+                if s.state != "idle" or s.closing:
+                    self.device_lock.release()
+                    return None
+                s.state, s.breakpoints, s.error, s.token = "running", [], None, None
+            self._forward(s, holding=True)
+            return self._wait(s)["token"]
+        finally:
+            self.mem.unpin(s)
 
     def run_to(self, sid, layers) -> dict:
         """Start the next forward with breakpoints after the given decoder layers; return at the first."""
