@@ -82,8 +82,10 @@ class _Api:
         (op, value), = ops.items()
         return self._do("session.patch", session=sid, op=op, value=value, **_sel(positions, channels))
 
-    def signal_phase(self, sid: int, phase: str, expected_ms: float | None = None):
-        return self._do("session.signal_phase", session=sid, phase=phase, expected_ms=expected_ms)
+    def signal_phase(self, sid: int, phase: str, expected_ms: float | None = None, wait: bool = True):
+        """IO_WAIT (with the expected wait) or COMPUTE. With wait=False the hint costs no round trip:
+        it is sent and the call returns None at once; its reply is skipped and an error in it unseen."""
+        return self._do("session.signal_phase", wait=wait, session=sid, phase=phase, expected_ms=expected_ms)
 
     def close(self, sid: int):
         return self._do("session.close", lambda r: None, session=sid)
@@ -149,7 +151,8 @@ class Client(_Api):
             self._sock.close(0)
             self._sock = None
 
-    def call(self, method: str, timeout: float | None = None, **params):
+    def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
+        """The request's result; with wait=False, None once it is sent (the reply is skipped later)."""
         if not self.socket_path.exists():
             raise _no_daemon(self.socket_path, "no socket there")
         if self._sock is None:
@@ -159,6 +162,8 @@ class Client(_Api):
             self.close_socket()
             raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
         self._sock.send(protocol.request(rid, method, params))
+        if not wait:
+            return None
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             left = deadline - time.monotonic()
@@ -197,7 +202,7 @@ class AsyncClient(_Api):
             self._sock.close(0)
             self._sock = None
 
-    async def call(self, method: str, timeout: float | None = None, **params):
+    async def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         if not self.socket_path.exists():
             raise _no_daemon(self.socket_path, "no socket there")
         if self._sock is None:
@@ -207,6 +212,8 @@ class AsyncClient(_Api):
             self.close_socket()
             raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
         await self._sock.send(protocol.request(rid, method, params))
+        if not wait:
+            return None
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             left = deadline - time.monotonic()

@@ -5,9 +5,10 @@ every policy replays the same workload. Agent i starts at its arrival time in it
 its own Client (zmq sockets are not thread-safe): it creates a session of prompt_len tokens, then
 runs `turns` turns; each turn times generate(sid, 1) (the first token) and then decodes k-1 more.
 Between turns it waits its tool time; under `semantic` it says so first with
-signal_phase(IO_WAIT, expected_ms) and signal_phase(COMPUTE) when the tool is done. The wake-up
-latency runs from the end of the tool wait to the return of the next turn's first token, so it
-includes the COMPUTE signal and any swap-in on the way.
+signal_phase(IO_WAIT, expected_ms) and signal_phase(COMPUTE, wait=False) when the tool is done (a
+hint: sent, not waited for, as an agent runtime would). The wake-up latency runs from the end of
+the tool wait to the return of the next turn's first token, so it includes sending the COMPUTE
+signal and any swap-in on the way.
 
 Every figure is a delta of the daemon's counters over the policy's run (swaps, prefetch hits and
 misses) or measured by the agents; swap-ins are split by the daemon's reason: `demand` and
@@ -139,7 +140,7 @@ def run_agent(ctx, p: dict, policy: str, a: dict, vocab: int, live: Live, done, 
                     time.sleep(tool / 1000)
                     t_end = time.perf_counter()
                     if policy == "semantic" and p["compute_signal"]:
-                        c.signal_phase(sid, "COMPUTE")
+                        c.signal_phase(sid, "COMPUTE", wait=False)
                         rec["compute_signal_ms"].append(round((time.perf_counter() - t_end) * 1000, 3))
                 else:
                     t_end = t_start

@@ -128,6 +128,20 @@ def test_io_wait_under_pressure_swaps_out_at_once_and_compute_restores(c):
     assert [e["action"] for e in events(c, seq, "prefetch", session=a)] == ["scheduled", "miss"]
 
 
+def test_a_compute_hint_sent_without_waiting_restores_and_the_next_call_gets_its_own_reply(c):
+    set_slabs(c, 3.25)
+    a, b, sid = sessions(c, 3)
+    assert c.signal_phase(sid, "IO_WAIT")["location"] == "host"
+    assert c.signal_phase(9999, "COMPUTE", wait=False) is None  # its error reply is skipped, unseen
+    assert c.signal_phase(sid, "COMPUTE", wait=False) is None
+    deadline = time.monotonic() + 5
+    while (info := c.session(sid))["location"] != "device":  # each call reads its own reply
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert info["id"] == sid and info["phase"] == "COMPUTE"
+    assert c.generate(sid, 1)
+
+
 def test_io_wait_without_pressure_keeps_the_session_resident(c):
     (sid,) = sessions(c, 1)
     seq, hits = c.status()["seq"], counters(c)["prefetch_hits"]
