@@ -59,10 +59,12 @@ class _FloorServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    def step(self, ids=None, timeout_ms: int = 60_000) -> int:
+    def step(self, ids=None, timeout_s: float = 60.0) -> int:
         self.sock.send(json.dumps(ids).encode())
-        if not self.sock.poll(timeout_ms):
-            raise RuntimeError(f"the floor server did not answer (exit code {self.proc.poll()})")
+        deadline = time.monotonic() + timeout_s
+        while not self.sock.poll(200):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor server did not answer (exit code {self.proc.poll()})")
         return int(self.sock.recv())
 
     def __enter__(self):
@@ -123,7 +125,7 @@ def _measure(ctx, p, c, model, ids, math, lm, device, floor_server):
         return out[0]
 
     def floor(count: int):
-        toks, lat = [floor_server.step(ids, timeout_ms=600_000)], []  # the prefill (the first waits for the load)
+        toks, lat = [floor_server.step(ids, timeout_s=600)], []  # the prefill (the first waits for the load)
         for _ in range(count):
             t0 = time.perf_counter()
             toks.append(floor_server.step())
