@@ -15,6 +15,7 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
+from textual.css.query import NoMatches
 
 from djinnd import paths
 from djinnd.client import DjinnError
@@ -89,7 +90,10 @@ class DjinnConsole(App):
             self.load_results()
         for screen in self.screen_stack:
             if hasattr(screen, "show") and screen.is_mounted:
-                screen.show(self.state)
+                try:
+                    screen.show(self.state)
+                except NoMatches:  # its widgets are still mounting, or already going: the next tick redraws
+                    pass
 
     # -- messages from the link --------------------------------------------------------------------
     def on_attached(self, msg: Attached) -> None:
