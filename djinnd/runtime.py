@@ -38,7 +38,6 @@ class Runtime:
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._act_bytes_per_token = lm.hidden_size * lm.dtype.itemsize
         self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
                        for i, layer in enumerate(lm.decoder_layers())]
         self._hooks.append(lm.embed().register_forward_hook(self._embed_hook))
@@ -58,7 +57,7 @@ class Runtime:
         if (not isinstance(token_ids, list) or not token_ids
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.lm.vocab_size for t in token_ids)):
             raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
-        first = round_up(len(token_ids) + GRANULE) * self.lm.kv_bytes_per_token + 3 * len(token_ids) * self._act_bytes_per_token
+        first = round_up(len(token_ids) + GRANULE) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
         if self.lm.weights_bytes + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
                              f"the budget leaves {self.mem.budget - self.lm.weights_bytes} B beside the weights")
@@ -131,7 +130,7 @@ class Runtime:
         s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
         if (s is None or s.state != "idle" or s.closing or len(s.pending) != 1
                 or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity
-                or self.mem.used + 3 * self._act_bytes_per_token > self.mem.budget):
+                or self.mem.used + self._act_bytes(1) > self.mem.budget):
             return None
         self.mem.pin(s)  # from here no swap-out can take it: resident now means resident for the step
         try:
@@ -257,10 +256,14 @@ class Runtime:
                 self.mem.release(s, new)
                 raise
             self.mem.release(s, old)
-        act = 3 * new_tokens * self._act_bytes_per_token  # embeddings, layer input, layer output
+        act = self._act_bytes(new_tokens)
         self.mem.reserve(s, act)
         s.act_charge = act
         s.last_used = time.monotonic()
+
+    def _act_bytes(self, tokens: int) -> int:
+        """What a forward over `tokens` new tokens holds beside its KV: embeddings, layer input, layer output."""
+        return 3 * tokens * self.lm.hidden_size * self.lm.dtype.itemsize
 
     def _pin_forward(self, s: Session) -> None:
         self.mem.pin(s)

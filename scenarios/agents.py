@@ -22,7 +22,7 @@ import time
 from djinnd.client import Client, DjinnError
 from djinnd.sizes import format_size
 
-from .common import DTYPE_BYTES, GRANULE, Skip, pct, prompt_ids, vocab_of
+from .common import Skip, activation_bytes, kv_capacity_tokens, pct, prompt_ids, vocab_of
 
 POLICIES = ("semantic", "reactive", "hold")
 ON_THE_WAKE_UP_PATH = ("demand", "compute")  # swap-in reasons a request waits for (prefetch ones it does not)
@@ -34,20 +34,6 @@ def needs_daemon(p: dict) -> bool:
 
 
 # -- the capacity math ---------------------------------------------------------------------------
-def _round_up(n: int) -> int:
-    return -(-n // GRANULE) * GRANULE
-
-
-def kv_capacity_tokens(prompt_len: int, decoded: int) -> int:
-    """The KV capacity a session ends with, as djinnd's SlabCache grows it: the prompt rounded up to
-    64 plus 64 of headroom, then a quarter more (rounded up) whenever a forward needs more."""
-    cap = _round_up(prompt_len + GRANULE)
-    for seq in range(prompt_len + 1, prompt_len + decoded):  # forward n (n >= 2) holds prompt_len + n - 1 tokens
-        if seq > cap:
-            cap = _round_up(max(seq, cap + cap // 4))
-    return cap
-
-
 def capacity_math(model: dict, p: dict, budget: int) -> dict:
     """An idle agent holds its KV slab; the one computing holds its activations too (the prefill's
     are the largest). Demand: every agent live at once."""
@@ -55,7 +41,7 @@ def capacity_math(model: dict, p: dict, budget: int) -> dict:
     weights, per_tok = model["weights_bytes"], model["kv_bytes_per_token"]
     kv_tokens = kv_capacity_tokens(p["prompt_len"], decoded)
     kv = kv_tokens * per_tok
-    act = 3 * p["prompt_len"] * model["hidden_size"] * DTYPE_BYTES.get(model.get("dtype"), 4)
+    act = activation_bytes(model, p["prompt_len"])
     demand = weights + n * kv + act
     fit = max(0, (budget - weights - act) // kv) if kv else n
     return {"weights_bytes": weights, "kv_bytes_per_session": kv, "kv_capacity_tokens": kv_tokens,

@@ -38,9 +38,24 @@ def breakpoints(spec, num_layers: int) -> list[int]:
     return sorted(set(spec))
 
 
-def kv_capacity_tokens(tokens: int) -> int:
-    """The KV capacity the daemon gives a fresh session of `tokens`: rounded up to 64 plus 64 of headroom."""
-    return -(-(tokens + GRANULE) // GRANULE) * GRANULE
+def _round_up(n: int) -> int:
+    return -(-n // GRANULE) * GRANULE
+
+
+def kv_capacity_tokens(prompt_len: int, decoded: int = 1) -> int:
+    """The KV capacity a session of `prompt_len` has after decoding `decoded` tokens, as djinnd's
+    SlabCache grows it: the prompt rounded up to 64 plus 64 of headroom, then a quarter more
+    (rounded up) whenever a forward needs more."""
+    cap = _round_up(prompt_len + GRANULE)
+    for seq in range(prompt_len + 1, prompt_len + decoded):  # forward n (n >= 2) holds prompt_len + n - 1 tokens
+        if seq > cap:
+            cap = _round_up(max(seq, cap + cap // 4))
+    return cap
+
+
+def activation_bytes(model: dict, tokens: int) -> int:
+    """What djinnd charges a forward over `tokens` new tokens beside its KV: embeddings, layer input, layer output."""
+    return 3 * tokens * model["hidden_size"] * DTYPE_BYTES.get(model.get("dtype"), 4)
 
 
 def capacity_math(model: dict, sessions: int, prompt_len: int, budget: int) -> dict:
@@ -48,7 +63,7 @@ def capacity_math(model: dict, sessions: int, prompt_len: int, budget: int) -> d
     weights = model["weights_bytes"]
     kv_tokens = kv_capacity_tokens(prompt_len)
     kv = kv_tokens * model["kv_bytes_per_token"]
-    act = 3 * prompt_len * model["hidden_size"] * DTYPE_BYTES.get(model.get("dtype"), 4)
+    act = activation_bytes(model, prompt_len)
     per = kv + act
     demand = weights + sessions * per
     fit = max(0, (budget - weights) // per) if per else sessions

@@ -41,7 +41,7 @@ def test_list_show_and_parameters():
 
 def test_capacity_math_follows_the_daemons_slab_growth():
     from djinnd.kvcache import SlabCache
-    from scenarios.agents import kv_capacity_tokens
+    from scenarios.common import kv_capacity_tokens
     for prompt, decoded in ((1536, 16), (512, 16), (60, 200), (100, 1000), (7, 1)):
         cache = SlabCache(1, 1, 1, __import__("torch").float32, "cpu")
         cap = cache.capacity_for(prompt)
