@@ -205,8 +205,9 @@ class Runtime:
         start_len = s.cache.seq_len
         try:
             s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
-            if not holding:
-                self.device_lock.acquire(s.qos, short=not s.long_segment)  # a decode step goes before a prefill
+            waking, s.waking = s.waking, False
+            if not holding:  # a decode step goes before a prefill, and a waking one before the others
+                self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
             self._enter(s, len(s.pending))
             with torch.no_grad():
                 ids = torch.tensor([s.pending], device=self.lm.device)
@@ -413,6 +414,7 @@ class Runtime:
                                         or not 0 <= expected_ms < float("inf")):
             raise DjinnError("bad_params", "'expected_ms' must be a non-negative number")
         now = time.monotonic()
+        s.waking = s.waking or phase == "IO_WAIT"
         s.phase = phase
         self._event(s, "phase", phase=phase, expected_ms=expected_ms)
         if phase == "IO_WAIT":  # first to leave the device (at once under pressure), back before it is due

@@ -10,9 +10,12 @@ to hand it to, in this order:
 3. the class: strict priority realtime > interactive > batch; or, with `shares`, the class with
    the least device time per unit of share (stride scheduling, below).
 4. within the class: short segments (a decode step, a resume) before long ones (a prompt's
-   prefill), so a session waking from a tool call does not queue behind new arrivals; then oldest
-   first; with `lifo`, newest first while overloaded (more waiters than slots): under overload the
-   oldest are late already, and serving the newest keeps more on time.
+   prefill), so a session waking from a tool call does not queue behind new arrivals; among the
+   short, with `wake_first`, a session's first forward after it signalled IO_WAIT before the
+   other sessions' steps, as an OS scheduler favours a task that wakes from I/O: the
+   wake-up is what an agent waits on, and each wake-up jumps the queue once; then oldest first;
+   with `lifo`, newest first while overloaded (more waiters than slots): under overload the oldest
+   are late already, and serving the newest keeps more on time.
 
 Shares (stride scheduling by class): each class has a `pass`, advanced on release by the device
 time its segment held divided by its share, and the class with the lowest pass goes next (ties by
@@ -26,6 +29,7 @@ import threading
 import time
 
 QOS_CLASSES = ("realtime", "interactive", "batch")
+_SETTINGS = ("fcfs", "escalation_s", "shares", "max_concurrency", "lifo", "wake_first")
 _RANK = {"realtime": 0, "interactive": 1, "batch": 2}
 
 
@@ -52,23 +56,26 @@ def parse_shares(text: str) -> dict[str, float]:
 
 
 class _Waiter:
-    __slots__ = ("qos", "arrived", "n", "short", "granted")
+    __slots__ = ("qos", "arrived", "n", "short", "waking", "granted")
 
-    def __init__(self, qos: str, arrived: float, n: int, short: bool):
+    def __init__(self, qos: str, arrived: float, n: int, short: bool, waking: bool = False):
         self.qos, self.arrived, self.n, self.short, self.granted = qos, arrived, n, short, False
+        self.waking = short and waking
 
 
 class DeviceLock:
     """A lock of `max_concurrency` slots granted by QoS class (see the module docstring)."""
 
     def __init__(self, fcfs: bool = False, escalation_s: float | None = None, shares: dict | None = None,
-                 max_concurrency: int = 1, lifo: bool = False, clock=time.monotonic):
+                 max_concurrency: int = 1, lifo: bool = False, wake_first: bool = True, clock=time.monotonic):
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError("max_concurrency must be an int >= 1")
+        if not all(isinstance(v, bool) for v in (fcfs, lifo, wake_first)):
+            raise ValueError("fcfs, lifo and wake_first must be true or false")
         if shares is not None and (set(shares) != set(QOS_CLASSES) or not all(v > 0 for v in shares.values())):
             raise ValueError(f"shares must give a positive weight to each of {', '.join(QOS_CLASSES)}")
         self.fcfs, self.escalation_s, self.shares = fcfs, escalation_s, shares
-        self.max_concurrency, self.lifo, self._clock = max_concurrency, lifo, clock
+        self.max_concurrency, self.lifo, self.wake_first, self._clock = max_concurrency, lifo, wake_first, clock
         self._cond = threading.Condition()
         self._waiting: list[_Waiter] = []
         self._holders: dict[int, tuple[_Waiter, float]] = {}  # thread id -> (its request, granted at)
@@ -79,14 +86,15 @@ class DeviceLock:
         self.served = {c: 0 for c in QOS_CLASSES}
         self.busy_s = {c: 0.0 for c in QOS_CLASSES}
         self.handovers = 0
+        self.wake_jumps = 0  # grants to a waking step ahead of an older step of its class
 
     def configure(self, **settings) -> dict:
-        """Change fcfs, escalation_s, shares, max_concurrency or lifo on a live lock (a scenario's A/B
-        run); waiters already queued are chosen by the new policy from the next grant on."""
-        unknown = set(settings) - {"fcfs", "escalation_s", "shares", "max_concurrency", "lifo"}
+        """Change any of _SETTINGS on a live lock (a scenario's A/B run); waiters already queued are
+        chosen by the new policy from the next grant on."""
+        unknown = set(settings) - set(_SETTINGS)
         if unknown:
             raise ValueError(f"unknown scheduler setting(s): {', '.join(sorted(unknown))}")
-        probe = {k: getattr(self, k) for k in ("fcfs", "escalation_s", "shares", "max_concurrency", "lifo")}
+        probe = {k: getattr(self, k) for k in _SETTINGS}
         DeviceLock(**{**probe, **settings})  # validates
         with self._cond:
             for k, v in settings.items():
@@ -94,16 +102,17 @@ class DeviceLock:
             self._dispatch()
         return self.figures()
 
-    def acquire(self, qos: str = "interactive", short: bool = True, wait: bool = True) -> bool:
+    def acquire(self, qos: str = "interactive", short: bool = True, wait: bool = True, waking: bool = False) -> bool:
         """Take a slot, waiting for the policy to grant one; with wait=False only if one is free and
-        nobody waits (False otherwise: the caller must not block)."""
+        nobody waits (False otherwise: the caller must not block). `waking`: the session's first
+        step after a tool wait."""
         qos = qos if qos in _RANK else "interactive"
         with self._cond:
             if not wait and (self._waiting or self._in_flight >= self.max_concurrency):
                 return False
             if self.shares and not self._active(qos):
                 self._pass[qos] = max(self._pass[qos], self._vtime)
-            me = _Waiter(qos, self._clock(), next(self._order), short)
+            me = _Waiter(qos, self._clock(), next(self._order), short, waking)
             self._waiting.append(me)
             self._dispatch()
             self._wait_for(me)
@@ -166,11 +175,12 @@ class DeviceLock:
         with self._cond:
             policy = "fcfs" if self.fcfs else "shares" if self.shares else "priority"
             return {"policy": policy, "max_concurrency": self.max_concurrency, "lifo": self.lifo,
+                    "wake_first": self.wake_first,
                     "escalation_ms": None if self.escalation_s is None else self.escalation_s * 1000,
                     "shares": dict(self.shares) if self.shares else None, "in_flight": self._in_flight,
                     "waiting": {c: sum(w.qos == c for w in self._waiting) for c in QOS_CLASSES},
                     "served": dict(self.served), "busy_s": {c: round(v, 6) for c, v in self.busy_s.items()},
-                    "handovers": self.handovers}
+                    "handovers": self.handovers, "wake_jumps": self.wake_jumps}
 
     # -- choosing ----------------------------------------------------------------------------------
     def _active(self, qos: str) -> bool:
@@ -182,6 +192,8 @@ class DeviceLock:
         while self._in_flight < self.max_concurrency and self._waiting:
             w = self._pick()
             self._waiting.remove(w)
+            if w.waking and any(o.qos == w.qos and o.short and o.n < w.n for o in self._waiting):
+                self.wake_jumps += 1
             w.granted, granted = True, True
             self._in_flight += 1
             self.served[w.qos] += 1
@@ -206,5 +218,7 @@ class DeviceLock:
             ws = [w for w in ws if w.qos == cls]
             if any(w.short for w in ws):
                 ws = [w for w in ws if w.short]
+            if self.wake_first and any(w.waking for w in ws):
+                ws = [w for w in ws if w.waking]
         newest_first = self.lifo and len(self._waiting) > self.max_concurrency
         return (max if newest_first else min)(ws, key=lambda w: w.n)

@@ -107,10 +107,11 @@ class Service:
         self.rt.mem.swap_enabled = enabled
         return {"swap_enabled": enabled}
 
-    def scheduler_set(self, fcfs=None, shares=None, max_concurrency=None, lifo=None, escalation_ms=False):
+    def scheduler_set(self, fcfs=None, shares=None, max_concurrency=None, lifo=None, escalation_ms=False, wake_first=None):
         """Change the QoS policy live (the qos scenario compares it with first-come-first-served)."""
         from .scheduler import parse_shares
-        kw = {k: v for k, v in (("fcfs", fcfs), ("max_concurrency", max_concurrency), ("lifo", lifo)) if v is not None}
+        kw = {k: v for k, v in (("fcfs", fcfs), ("max_concurrency", max_concurrency), ("lifo", lifo),
+                                ("wake_first", wake_first)) if v is not None}
         try:
             if shares is not None:
                 kw["shares"] = None if shares == "" else parse_shares(shares) if isinstance(shares, str) else shares

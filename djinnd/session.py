@@ -21,6 +21,7 @@ class Session:
         self.state = "idle"  # idle | running | paused | closed
         self.layer: int | None = None  # where it is paused
         self.phase = "COMPUTE"
+        self.waking = False  # it signalled IO_WAIT and its next forward has not started (DeviceLock)
         self.breakpoints: list[int] = []
         self.hidden = None  # the paused layer's output, which inspect and patch act on
         self.held: list = []  # every activation the paused forward holds: swapped with the slab

@@ -221,6 +221,7 @@ def run_policy(ctx, p: dict, policy: str, workload: list[dict], vocab: int, prog
     d = {k: st1["swap"].get(k, 0) - st0["swap"].get(k, 0)
          for k in ("swap_outs", "swap_ins", "bytes_out", "bytes_in", "prefetch_scheduled", "prefetch_done",
                    "prefetch_hits", "prefetch_misses")}
+    wake_jumps = st1["scheduler"].get("wake_jumps", 0) - st0["scheduler"].get("wake_jumps", 0)
     settled = d["prefetch_hits"] + d["prefetch_misses"]
     n = len(workload)
     errors = [f"agent {r['agent']}: {r['error']}" for r in records if r["status"] == "failed"]
@@ -236,6 +237,7 @@ def run_policy(ctx, p: dict, policy: str, workload: list[dict], vocab: int, prog
         "compute_signal_ms": {"p50": pct(sig, 50), "p99": pct(sig, 99)} if sig else None,
         "swap_outs": d["swap_outs"], "swap_ins": d["swap_ins"], "bytes_out": d["bytes_out"], "bytes_in": d["bytes_in"],
         "wakeups_that_swapped_in": paid, "swap_ins_on_demand": len(paid_ins),
+        "wake_jumps": wake_jumps,  # first steps after a tool wait served ahead of an older decode step
         "swaps_by_reason": dict(sorted(reasons.items())),
         "prefetch": {"scheduled": d["prefetch_scheduled"], "done": d["prefetch_done"], "hits": d["prefetch_hits"],
                      "misses": d["prefetch_misses"],
@@ -294,7 +296,8 @@ def run(ctx, p: dict):
                 f"p99 {r['wakeup_ms']['p99']} ms, {r['swap_outs']} swap-outs, {r['swap_ins']} swap-ins "
                 f"({r['swap_ins_on_demand']} on demand; {r['wakeups_that_swapped_in']} of {r['wakeups']} wake-ups "
                 f"swapped in), prefetch hits {r['prefetch']['hits']} "
-                f"misses {r['prefetch']['misses']}, at most {r['peak_live_agents']} agents live, "
+                f"misses {r['prefetch']['misses']}, {r['wake_jumps']} wake-ups served ahead of older steps, "
+                f"at most {r['peak_live_agents']} agents live, "
                 f"{r['tokens_per_s']} tok/s, {r['wall_s']} s")
 
     m = ctx.measure()

@@ -72,8 +72,8 @@ def test_agents_semantic_prefetches_where_reactive_swaps_on_demand(tmp_path):
     sem, rea, hold = (r["policies"][k] for k in ("semantic", "reactive", "hold"))
     s99, r99 = sem["wakeup_ms"]["p99"], rea["wakeup_ms"]["p99"]
     # The P99 wake-up criterion is judged from the figures and can fail; on two CPU cores its outcome is set
-    # by which wake-ups happen to queue behind another agent's prefill (50-150 ms) rather than by the swap
-    # (about 1 ms), so this test checks the verdict is honest, not which policy won (see the report).
+    # by which wake-ups happen to queue behind a layer of another agent's prefill (5-10 ms) rather than by
+    # the swap (about 1 ms), so this test checks the verdict is honest, not which policy won (see the report).
     assert c["wakeup_p99"]["ok"] is (s99 < r99)
     failed = {k for k, v in c.items() if v["ok"] is False}
     assert failed <= {"wakeup_p99"}, r["reasons"]
@@ -90,6 +90,7 @@ def test_agents_semantic_prefetches_where_reactive_swaps_on_demand(tmp_path):
     assert sem["prefetch"]["hits"] >= 0.75 * sem["wakeups"] and c["prefetch_hits"]["ok"] is True
     assert rea["prefetch"]["hits"] == rea["prefetch"]["scheduled"] == 0
     assert sem["wakeups_that_swapped_in"] <= 0.25 * sem["wakeups"] < rea["wakeups_that_swapped_in"]
+    assert rea["wake_jumps"] == hold["wake_jumps"] == 0  # without IO_WAIT signals no step is a wake-up
     # hold: no swapping, so only what fits is admitted (informational)
     assert hold["swap_outs"] == 0 and 1 <= hold["peak_live_agents"] <= m["sessions_that_fit"]
     assert hold["rejected"] > 0 and hold["completed"] >= 1

@@ -305,3 +305,32 @@ def test_a_long_prefill_lets_a_decode_step_through_and_its_tokens_do_not_change(
     assert decoded_at < done["at"]
     assert rt.device_lock.figures()["handovers"] >= 1
     assert done["tokens"] == expected  # the layers ran as before, only later
+
+
+def test_the_first_step_after_io_wait_goes_before_an_older_decode_step_and_only_the_first(rt):
+    a, b = rt.create(prompt=PROMPT), rt.create(prompt=PROMPT)
+    rt.generate(a.id, 1), rt.generate(b.id, 1)
+
+    def queue_both(b_signals):
+        """a's step queues, then b's (after its signals), behind the held device; the order served."""
+        order = []
+        rt.device_lock.acquire("interactive")
+        threads = []
+        for s, signals in ((a, []), (b, b_signals)):
+            for phase in signals:
+                rt.signal_phase(s.id, phase)
+            threads.append(threading.Thread(target=lambda s=s: (rt.generate(s.id, 1), order.append(s.id))))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while sum(rt.device_lock.figures()["waiting"].values()) < len(threads):
+                assert time.monotonic() < deadline
+                time.sleep(0.0005)
+        rt.device_lock.release()
+        for t in threads:
+            t.join(10)
+        return order
+
+    assert queue_both(["IO_WAIT", "COMPUTE"]) == [b.id, a.id]  # b's tool wait ended: its step goes first
+    assert queue_both([]) == [a.id, b.id]  # b's next step is an ordinary one again
+    assert queue_both(["IO_WAIT"]) == [b.id, a.id]  # no COMPUTE: the step itself ends the wait
+    assert rt.device_lock.figures()["wake_jumps"] == 2

@@ -209,15 +209,17 @@ def _waiting(lock) -> int:
     return sum(lock.figures()["waiting"].values())
 
 
-def grant_order(lock, classes, hold=None, short=None) -> list[str]:
+def grant_order(lock, classes, hold=None, short=None, waking=None) -> list[str]:
     """Queue one thread per class (in this order) behind a held slot, release it; the order served.
 
-    `short`: whether each waiter's segment is short (a decode step); all are by default."""
+    `short`: whether each waiter's segment is short (a decode step); all are by default.
+    `waking`: whether it is its session's first step after a tool wait; none is by default."""
     order, threads = [], []
     short = short or [True] * len(classes)
+    waking = waking or [False] * len(classes)
 
-    def run(name, qos, is_short):
-        lock.acquire(qos, short=is_short)
+    def run(name, qos, is_short, is_waking):
+        lock.acquire(qos, short=is_short, waking=is_waking)
         order.append(name)
         if hold:
             hold()
@@ -225,7 +227,7 @@ def grant_order(lock, classes, hold=None, short=None) -> list[str]:
 
     lock.acquire("realtime")
     for i, qos in enumerate(classes):
-        t = threading.Thread(target=run, args=(f"{qos}{i}", qos, short[i]), daemon=True)
+        t = threading.Thread(target=run, args=(f"{qos}{i}", qos, short[i], waking[i]), daemon=True)
         t.start()
         threads.append(t)
         deadline = time.monotonic() + 5
@@ -250,6 +252,21 @@ def test_a_decode_step_goes_before_a_prefill_of_its_class_but_not_of_a_higher_on
     assert order == ["realtime3", "interactive1", "interactive0", "batch2"]
     fcfs = grant_order(DeviceLock(fcfs=True), ["interactive", "interactive"], short=[False, True])
     assert fcfs == ["interactive0", "interactive1"]
+
+
+def test_a_waking_decode_step_goes_before_the_other_steps_of_its_class_only():
+    lock = DeviceLock()
+    order = grant_order(lock, ["interactive", "interactive", "interactive", "batch", "realtime"],
+                        short=[True, False, True, True, True], waking=[False, True, True, True, False])
+    # the class first; in it the waking step before the older one; a waking prefill gains nothing
+    assert order == ["realtime4", "interactive2", "interactive0", "interactive1", "batch3"]
+    assert lock.figures()["wake_jumps"] == 1 and lock.figures()["wake_first"] is True
+    assert grant_order(lock, ["interactive", "interactive"], waking=[False, True]) == ["interactive1", "interactive0"]
+    lock.configure(wake_first=False)
+    assert grant_order(lock, ["interactive", "interactive"], waking=[False, True]) == ["interactive0", "interactive1"]
+    assert grant_order(DeviceLock(fcfs=True), ["interactive", "interactive"], waking=[False, True]) \
+        == ["interactive0", "interactive1"]
+    assert lock.figures()["wake_jumps"] == 2
 
 
 def hand_over_to(lock, holder_qos, waiter_qos, waiter_short) -> tuple[bool, list[str]]:
