@@ -309,7 +309,8 @@ def test_a_long_prefill_lets_a_decode_step_through_and_its_tokens_do_not_change(
 
 def test_the_first_step_after_io_wait_goes_before_an_older_decode_step_and_only_the_first(rt):
     a, b = rt.create(prompt=PROMPT), rt.create(prompt=PROMPT)
-    rt.generate(a.id, 1), rt.generate(b.id, 1)
+    for s in (a, b):
+        rt.generate(s.id, 1)  # the prefills, out of the way
 
     def queue_both(b_signals):
         """a's step queues, then b's (after its signals), behind the held device; the order served."""
