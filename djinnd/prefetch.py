@@ -32,8 +32,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-from .memory import QOS_RANK, coldness
+from .memory import coldness
 from .protocol import DjinnError
 
 COUNTERS = ("prefetch_scheduled", "prefetch_done", "prefetch_hits", "prefetch_misses")
@@ -208,7 +209,8 @@ class Prefetcher:
             s.last_used = time.monotonic()
             return True
         need = s.stored.charge
-        mine = (True, False, QOS_RANK.get(s.qos, 1), time.monotonic())  # as it will be: about to compute, just used
+        # its place in the eviction order as it will be: about to compute (not waiting, not queued), just used
+        mine = coldness(SimpleNamespace(phase="COMPUTE", state="idle", qos=s.qos, last_used=time.monotonic()))
         with self._cond:
             wakes = {sid: w.signalled + w.expected_ms / 1000 for sid, w in self._waits.items()}
         my_wake = wakes.get(s.id, time.monotonic())
@@ -231,7 +233,6 @@ class Prefetcher:
         return True
 
     # -- reporting -----------------------------------------------------------------------------------
-
     def _emit(self, w: _Wait, action: str, at_ms: float, **extra) -> None:
         self.bus.emit("prefetch", session=w.session.id, action=action, at_ms=round(at_ms, 3),
                       expected_ms=w.expected_ms, **extra)

@@ -18,8 +18,7 @@ import time
 from djinnd.client import Client, DjinnError
 from djinnd.sizes import format_size
 
-from .common import kv_capacity_tokens
-from .common import Skip, pct, prompt_ids, vocab_of
+from .common import Skip, kv_capacity_tokens, pct, prompt_ids, vocab_of
 
 CLASSES = ("realtime", "interactive", "batch")
 CLIENT_TIMEOUT = 300.0
