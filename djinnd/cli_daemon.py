@@ -31,6 +31,7 @@ def start(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="at most N sessions with a forward in flight"),
     lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)"),
+    busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a decode step, poll for the client's next one this long before sleeping (0: off)"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
     from .daemon import is_locked, read_pid, run_foreground, start_detached
@@ -55,6 +56,8 @@ def start(
         _fail("--max-concurrency must be at least 1", 2)
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         _fail("--metrics-port must be 0-65535", 2)
+    if not 0 <= busy_poll_us <= 100_000:
+        _fail("--busy-poll-us must be 0-100000", 2)
     if is_locked(sock):
         _fail(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); stop it with `djinnd stop` first")
     logs_dir = (logs or paths.default_logs_dir()).absolute()
@@ -72,7 +75,8 @@ def start(
         return
     code = run_foreground(sock, device, model, vram_budget, host_pool, dtype, logs_dir, spill_dir, sample_hz,
                           qos_fcfs=qos == "off", escalation_ms=escalation_ms, qos_shares=shares,
-                          max_concurrency=max_concurrency, lifo=lifo, metrics_port=metrics_port)
+                          max_concurrency=max_concurrency, lifo=lifo, metrics_port=metrics_port,
+                          busy_poll_us=busy_poll_us)
     raise typer.Exit(code)
 
 

@@ -101,7 +101,8 @@ def default_host_pool(device) -> int:
 def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None, host_pool: str | None,
                    dtype: str | None, logs_dir: Path, spill_dir: Path | None, sample_hz: float,
                    qos_fcfs: bool = False, escalation_ms: float | None = None, qos_shares: dict | None = None,
-                   max_concurrency: int = 1, lifo: bool = False, metrics_port: int | None = None) -> int:
+                   max_concurrency: int = 1, lifo: bool = False, metrics_port: int | None = None,
+                   busy_poll_us: float = 1000) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
     logsetup.setup()
     sys.setswitchinterval(0.001)  # hand the GIL over often: status must be answered while forwards run
@@ -147,7 +148,7 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
         ctx = zmq.Context.instance()
         bus.add_sink(PubSink(ctx, paths.endpoint(events_sock)))
         service = Service(rt, bus, sock, events_sock, ScenarioRuns(sock, logs_dir, bus), logs_dir)
-        server = Server(service, paths.endpoint(sock))
+        server = Server(service, paths.endpoint(sock), busy_poll_s=busy_poll_us / 1e6)
     finally:
         os.umask(old_umask)
     chmod_socket(sock)

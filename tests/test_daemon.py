@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -70,6 +71,50 @@ def test_sigterm_stops_cleanly_with_exit_code_0(daemon):
     assert not daemon.socket.exists()
     log = daemon.proc.stdout.read().decode()
     assert "stopped" in log
+
+
+def test_a_token_by_token_stream_leaves_the_loop_to_other_clients_and_to_sigterm(daemon):
+    """After each decode step the loop busy-polls for the stream's next one; meanwhile another
+    client's slow requests (run on the pool, replied by the loop) and quick ones are answered, the
+    streamed tokens are right, and SIGTERM stops the daemon mid-stream."""
+    ids = list(range(1, 17))
+    with daemon.client() as c:
+        sid = c.create_session(token_ids=ids)
+        reference = c.generate(sid, 41)
+        c.close(sid)
+    streamed, stop, started, checked = [], threading.Event(), threading.Event(), threading.Event()
+
+    def stream():
+        with daemon.client(timeout=5) as c:
+            sid = c.create_session(token_ids=ids)
+            for _ in range(41):
+                streamed.extend(c.generate(sid, 1))
+                started.set()
+            checked.set()
+            try:
+                for _ in range(2000):  # on, until SIGTERM
+                    if stop.is_set():
+                        break
+                    c.generate(sid, 1)
+            except DjinnError:
+                pass
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        assert started.wait(30)
+        with daemon.client(timeout=5) as c:
+            for _ in range(5):
+                other = c.create_session(token_ids=ids)
+                assert c.generate(other, 6) == reference[:6]
+                assert c.status()["sessions"] >= 1
+                c.close(other)
+        assert checked.wait(30) and streamed == reference
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+    finally:
+        stop.set()
+        streaming.join(30)
 
 
 def test_socket_folder_0700_and_sockets_0600(daemon):
