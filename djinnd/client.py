@@ -153,15 +153,19 @@ class Client(_Api):
 
     def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         """The request's result; with wait=False, None once it is sent (the reply is skipped later)."""
-        if not self.socket_path.exists():
-            raise _no_daemon(self.socket_path, "no socket there")
         if self._sock is None:
+            if not self.socket_path.exists():
+                raise _no_daemon(self.socket_path, "no socket there")
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-{next(_ids)}"
-        if not self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
-            self.close_socket()
-            raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
-        self._sock.send(protocol.request(rid, method, params))
+        frame = protocol.request(rid, method, params)
+        try:  # connected: it goes at once (a poll first costs a decode step ~1% on the CPU)
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # not yet connected, or no longer: give the daemon a moment to accept
+            if not self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+                self.close_socket()
+                raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
+            self._sock.send(frame)
         if not wait:
             return None
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -203,15 +207,19 @@ class AsyncClient(_Api):
             self._sock = None
 
     async def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
-        if not self.socket_path.exists():
-            raise _no_daemon(self.socket_path, "no socket there")
         if self._sock is None:
+            if not self.socket_path.exists():
+                raise _no_daemon(self.socket_path, "no socket there")
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-a{next(_ids)}"
-        if not await self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
-            self.close_socket()
-            raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
-        await self._sock.send(protocol.request(rid, method, params))
+        frame = protocol.request(rid, method, params)
+        try:  # as Client.call
+            await self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            if not await self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+                self.close_socket()
+                raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
+            await self._sock.send(frame)
         if not wait:
             return None
         deadline = time.monotonic() + (timeout or self.timeout)

@@ -163,6 +163,18 @@ def test_no_daemon_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_connected_client_whose_daemon_stopped_gets_a_clear_error_then_none_on_a_new_one(daemon):
+    with daemon.client(timeout=5) as c:
+        c.ping()
+        assert daemon.stop() == 0
+        for _ in range(2):  # the connection gone, then the socket gone
+            with pytest.raises(DjinnError) as e:
+                c.status()
+            assert e.value.code == "no_daemon" and str(daemon.socket) in str(e.value)
+        daemon.start()
+        assert c.ping() == {}
+
+
 def _hostile_frames(rng: random.Random):
     """Garbage, wrong types, huge frames, unknown methods, wrong versions, bad params."""
     kinds = [
