@@ -2,8 +2,8 @@
 
 A bare zmq REP server in a process of its own, with nothing but the model: each request runs one
 greedy step over a transformers DynamicCache and replies with the token. Same checkpoint, device,
-dtype and torch threads as djinnd, so what djinnd costs beyond this is its own; what this costs
-beyond in-process is the round trip and the idle processor between tokens, which no daemon avoids.
+dtype, torch threads and inference mode as djinnd, so what djinnd costs beyond this is its own;
+what this costs beyond in-process is the round trip and the idle processor between tokens.
 
     python -m scenarios.decode_floor SOURCE DEVICE DTYPE ENDPOINT
 Requests: JSON [token ids] starts a sequence (its prefill), `null` decodes the next token.
@@ -26,7 +26,7 @@ def serve(source: str, device: str, dtype: str, endpoint: str) -> None:
     sock = zmq.Context.instance().socket(zmq.REP)
     sock.bind(endpoint)
     cache = step = None
-    with torch.no_grad():
+    with torch.inference_mode():
         while True:
             ids = json.loads(sock.recv())
             if ids is not None:
