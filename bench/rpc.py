@@ -2,7 +2,9 @@
 
 Starts a private daemon (tiny-llama on the CPU, socket under /tmp) unless `--socket` names a
 running one, then times N pings with the blocking `djinnd.client.Client`, one thread and then
-several threads each with its own client. Prints p50 / p99 / max in microseconds and requests/s.
+several threads each with its own client. Prints p50 / p99 / max in microseconds and requests/s,
+and the physical limit measured in the same run: a bare zmq REQ/REP echo of the same frame, its
+server a process of its own, and the ping's ratio to it.
 
     python bench/rpc.py [-n 5000] [--threads 4] [--socket PATH] [--json PATH]
 """
@@ -22,7 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import zmq  # noqa: E402
+
 from bench.common import load_line, machine_line  # noqa: E402
+from djinnd import protocol  # noqa: E402
 from djinnd.client import Client, DjinnError  # noqa: E402
 
 
@@ -78,6 +83,37 @@ def ping_loop(socket, n: int, warmup: int) -> tuple[list[float], float]:
             c.ping()
             out.append(clock() - t)
         return out, clock() - t0
+
+
+ECHO_SERVER = "import sys, zmq\ns = zmq.Context().socket(zmq.REP)\ns.bind(sys.argv[1])\nwhile True: s.send(s.recv())"
+
+
+def echo_loop(n: int, warmup: int) -> tuple[list[float], float]:
+    """Latencies of `n` round trips of a ping's frame to a bare zmq echo server: no Python but the loop."""
+    folder = Path(tempfile.mkdtemp(prefix="djecho", dir="/tmp"))
+    endpoint = f"ipc://{folder / 'echo.sock'}"
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        frame = protocol.request("1-1", "ping")
+        for _ in range(warmup):
+            sock.send(frame)
+            sock.recv()
+        out, clock = [], time.perf_counter
+        t0 = clock()
+        for _ in range(n):
+            t = clock()
+            sock.send(frame)
+            sock.recv()
+            out.append(clock() - t)
+        return out, clock() - t0
+    finally:
+        sock.close(0)
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def summary(lat: list[float], wall: float) -> dict:
@@ -154,6 +190,8 @@ def main(argv=None) -> int:
         if args.threads > 0:
             many = run_threads(socket, args.threads, args.n, args.warmup)
             rows.append((f"{args.threads} client threads", many))
+        echo = summary(*echo_loop(args.n, args.warmup))
+        rows.append(("bare zmq echo", echo))
     finally:
         if daemon:
             daemon.stop()
@@ -162,10 +200,12 @@ def main(argv=None) -> int:
     print(f"{'run':<18} {'requests':>8} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>9} {'req/s':>9}")
     for name, r in rows:
         print(f"{name:<18} {r['requests']:>8} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['max_us']:>9.1f} {r['req_per_s']:>9.0f}")
+    print(f"ping p50 / bare zmq echo p50: {one['p50_us'] / echo['p50_us']:.2f} (the limit: 1)")
     print(load_line())
     if args.json:
         figures = {"machine": machine_line(), "load": load_line(), "n": args.n, "warmup": args.warmup,
-                   "single": one, "threads": args.threads, "concurrent": many}
+                   "single": one, "bare_zmq_echo": echo, "ratio_to_echo_p50": round(one["p50_us"] / echo["p50_us"], 3),
+                   "threads": args.threads, "concurrent": many}
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
