@@ -163,7 +163,7 @@ def test_no_daemon_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_a_connected_client_whose_daemon_stopped_gets_a_clear_error_then_none_on_a_new_one(daemon):
+def test_a_connected_client_gets_no_daemon_when_its_daemon_stops_and_reaches_the_next_one(daemon):
     with daemon.client(timeout=5) as c:
         c.ping()
         assert daemon.stop() == 0
