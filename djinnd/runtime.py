@@ -284,6 +284,8 @@ class Runtime:
         s = _running.get()
         if s is None:
             return None
+        if s.closing:  # closed mid-forward: stop here, not after a long prefill's last layer
+            raise Aborted()
         if index not in s.breakpoints:
             if s.long_segment and index < self.lm.num_layers - 1:
                 self.device_lock.hand_over()

@@ -240,10 +240,32 @@ def test_resume_racing_close_never_hangs(rt, lm):
 def test_close_stops_a_generate_loop_and_frees_everything(rt, lm):
     s = rt.create(prompt=PROMPT)
     generated, _ = _race(lambda: rt.generate(s.id, 400), lambda: (time.sleep(0.05), rt.close(s.id)))
-    assert isinstance(generated, DjinnError) and "closing" in str(generated)
+    assert isinstance(generated, DjinnError) and "session" in str(generated) and "clos" in str(generated)
     time.sleep(0.1)
     assert s.state == "closed" and s.cache.slab is None and s.charge == 0
     assert rt.mem.used == lm.weights_bytes
+
+
+def test_close_stops_a_running_prefill_at_its_next_layer(rt, lm):
+    """`djinnd stop` and `close` do not wait for a long forward to end: it stops between two layers."""
+    prompt = [i % 500 + 1 for i in range(4000)]
+    s = rt.create(token_ids=prompt)
+    t0 = time.monotonic()
+    rt.generate(s.id, 1)
+    whole = time.monotonic() - t0
+    rt.close(s.id)
+    s = rt.create(token_ids=prompt)
+
+    def close_once_running():
+        while s.state != "running":
+            time.sleep(0.001)
+        t = time.monotonic()
+        rt.close(s.id)
+        return time.monotonic() - t
+    generated, took = _race(lambda: rt.generate(s.id, 1), close_once_running)
+    assert isinstance(generated, DjinnError) and "closed" in str(generated)
+    assert took < whole / 2, (took, whole)  # 8 layers: one is an eighth of the forward
+    assert s.state == "closed" and s.cache.slab is None and rt.mem.used == lm.weights_bytes
 
 
 def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(rt):
