@@ -240,7 +240,8 @@ def test_resume_racing_close_never_hangs(rt, lm):
 def test_close_stops_a_generate_loop_and_frees_everything(rt, lm):
     s = rt.create(prompt=PROMPT)
     generated, _ = _race(lambda: rt.generate(s.id, 400), lambda: (time.sleep(0.05), rt.close(s.id)))
-    assert isinstance(generated, DjinnError) and "session" in str(generated) and "clos" in str(generated)
+    # closed between two tokens (the next does not start) or during one (it stops at its next layer)
+    assert isinstance(generated, DjinnError) and generated.code in ("unknown_session", "bad_state")
     time.sleep(0.1)
     assert s.state == "closed" and s.cache.slab is None and s.charge == 0
     assert rt.mem.used == lm.weights_bytes
