@@ -201,8 +201,7 @@ class MemoryManager:
             ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
             with self.acct:
                 if s.pins:  # a forward started meanwhile: it keeps its device copy
-                    s.stored = stored
-                    self._drop_stored(s)
+                    self._free(stored)
                     return
                 for st in storages:
                     st.resize_(0)  # every view the paused forward holds stays valid, now without memory
@@ -250,7 +249,7 @@ class MemoryManager:
                 self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
                 return
             with self.acct:
-                self.host.release(st.offset, st.nbytes)
+                self._free(st)
                 o.stored = Stored("disk", st.sizes, st.charge, path=path)
             self.count("demotions")
             ms = self._elapsed(t0, "disk")
@@ -298,8 +297,11 @@ class MemoryManager:
 
     def _drop_stored(self, s) -> None:
         st, s.stored = s.stored, None
-        if st is None:
-            return
+        if st is not None:
+            self._free(st)
+
+    def _free(self, st: Stored) -> None:
+        """Give a stored copy's host-pool range or disk file back."""
         if st.tier == "host":
             self.host.release(st.offset, st.nbytes)
         else:
