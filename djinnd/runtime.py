@@ -1,8 +1,9 @@
 """The runtime: one shared model, many sessions, breakpoints inside the forward pass, and the budget.
 
 Plain Python with no knowledge of sockets: the RPC server is a thin adapter over these methods,
-and tests drive them directly. Each forward runs in its own thread; a hook on every decoder layer
-looks up whose forward is running (a ContextVar) and pauses it there when that session asked to.
+and tests drive them directly. A forward with breakpoints runs in its own thread; while one is open
+(or a prefill), a hook on every decoder layer looks up whose forward is running (a ContextVar) and
+pauses it there when that session asked to.
 While paused the thread gives up the device, so other sessions compute and the paused one can be
 swapped out; resume swaps it back before the thread runs on from the next layer.
 """
@@ -38,9 +39,8 @@ class Runtime:
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
-                       for i, layer in enumerate(lm.decoder_layers())]
-        self._hooks.append(lm.embed().register_forward_hook(self._embed_hook))
+        self._hooks: list = []  # on the model only while a forward that needs them is open (_use_hooks)
+        self._hook_users = 0
         self.prefetch = Prefetcher(self.mem, bus)  # phase hints: early swap-out, prefetch before wake-up
         self.prefetch.start()
 
@@ -108,9 +108,9 @@ class Runtime:
         """Close every session, stop the prefetcher and take the hooks off the (possibly shared) model."""
         self.close_all()
         self.prefetch.stop()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        with self._lock:
+            self._hook_users = 0
+            self._remove_hooks()
 
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:
@@ -203,8 +203,11 @@ class Runtime:
         """One forward pass: compute on the device, pausing at breakpoints, then record the token."""
         running = _running.set(s)
         start_len = s.cache.seq_len
+        s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
+        hooked = bool(s.breakpoints) or s.long_segment  # it may pause, hand over or be closed between layers
+        if hooked:
+            self._use_hooks()
         try:
-            s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
             waking, s.waking = s.waking, False
             if not holding:  # a decode step goes before a prefill, and a waking one before the others
                 self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
@@ -231,6 +234,8 @@ class Runtime:
                 self._unpin_forward(s)
             if self.device_lock.held_by_me():
                 self.device_lock.release()
+            if hooked:
+                self._drop_hooks()
             _running.reset(running)
         with s.cond:
             s.state, s.layer, s.last_used = "idle", None, time.monotonic()
@@ -275,6 +280,28 @@ class Runtime:
         self.mem.unpin(s)
 
     # -- breakpoints -----------------------------------------------------------------------------
+    def _use_hooks(self) -> None:
+        """Put the hooks on the model for a forward that needs them. Hooked modules take torch's
+        slow call path (~7 us a layer, 4% of a tiny-llama step), so a plain decode step runs
+        without them while no such forward is open; one that starts with them on just passes them."""
+        with self._lock:
+            if not self._hook_users:
+                self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
+                               for i, layer in enumerate(self.lm.decoder_layers())]
+                self._hooks.append(self.lm.embed().register_forward_hook(self._embed_hook))
+            self._hook_users += 1
+
+    def _drop_hooks(self) -> None:
+        with self._lock:
+            self._hook_users -= 1
+            if not self._hook_users:
+                self._remove_hooks()
+
+    def _remove_hooks(self) -> None:  # holding _lock
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
     def _embed_hook(self, module, args, output):
         s = _running.get()
         if s is not None:

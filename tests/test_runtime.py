@@ -66,6 +66,30 @@ def test_pause_at_every_layer_of_one_forward_and_on_decode_steps(rt, lm):
     assert toks == ref
 
 
+def test_the_model_carries_hooks_only_while_a_forward_may_pause(rt, lm):
+    """Hooked modules take torch's slow call path: plain decode steps run without the hooks, and a
+    session paused at a breakpoint keeps them on while others decode around it."""
+    layers = [*lm.decoder_layers(), lm.embed()]
+
+    def hooks():
+        return [len(m._forward_hooks) for m in layers]
+
+    ref = reference(rt)
+    assert hooks() == [0] * len(layers)
+    a, b = rt.create(prompt=PROMPT), rt.create(prompt=PROMPT)
+    rt.run_to(a.id, [3])
+    assert hooks() == [1] * len(layers)
+    assert rt.generate(b.id, GEN) == ref  # its prefill also holds them, its decode steps pass them
+    assert hooks() == [1] * len(layers)
+    out = rt.resume(a.id)
+    assert hooks() == [0] * len(layers)
+    assert [out["token"]] + rt.generate(a.id, GEN - 1) == ref
+    assert rt.run_to(a.id, [0]) == {"state": "paused", "layer": 0}  # a decode step with a breakpoint
+    assert hooks() == [1] * len(layers)
+    rt.close(a.id)
+    assert hooks() == [0] * len(layers)
+
+
 def test_the_forward_really_stops_inside(rt, lm):
     """While paused at layer 2, the layers after it have not run: their KV is not written yet."""
     s = rt.create(prompt=PROMPT)
