@@ -123,6 +123,13 @@ def _result(frame: bytes, rid: str):
     raise DjinnError(err.get("code", "internal"), err.get("message", "unknown error"))
 
 
+def _frame(rid: str, method: str, params: dict) -> bytes:
+    try:
+        return protocol.request(rid, method, params)
+    except ValueError as e:  # NaN, infinity or a circular reference
+        raise DjinnError("bad_params", f"{method}: the parameters cannot be sent as JSON ({e})") from None
+
+
 def _dealer(ctx, sock: Path):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -158,7 +165,7 @@ class Client(_Api):
                 raise _no_daemon(self.socket_path, "no socket there")
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-{next(_ids)}"
-        frame = protocol.request(rid, method, params)
+        frame = _frame(rid, method, params)
         try:  # connected: it goes at once (a stat and a poll per call cost ~50 us on a core that slept)
             self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not yet connected, or no longer: give the daemon a moment to accept
@@ -212,7 +219,7 @@ class AsyncClient(_Api):
                 raise _no_daemon(self.socket_path, "no socket there")
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-a{next(_ids)}"
-        frame = protocol.request(rid, method, params)
+        frame = _frame(rid, method, params)
         try:  # as Client.call
             await self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:

@@ -224,6 +224,19 @@ def test_1000_hostile_requests_get_errors_and_the_daemon_serves_on(daemon):
     assert daemon.proc.poll() is None
 
 
+def test_a_parameter_json_cannot_carry_is_a_clear_error_and_nothing_is_sent(daemon):
+    with daemon.client(timeout=30) as c:
+        sid = c.create_session(prompt="The capital of France is")
+        for call in (lambda: c.signal_phase(sid, "IO_WAIT", expected_ms=float("nan")),
+                     lambda: c.patch(sid, add=float("inf"))):
+            with pytest.raises(DjinnError) as e:
+                call()
+            assert e.value.code == "bad_params" and "JSON" in str(e.value)
+        info = c.session(sid)
+        assert (info["phase"], info["state"]) == ("COMPUTE", "idle")  # the hint never left the client
+        c.close(sid)
+
+
 def test_detach_returns_once_serving_and_stop_ends_it(tmp_path):
     folder = Daemon().folder
     sock = folder / "run" / "d.sock"
