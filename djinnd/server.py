@@ -53,7 +53,7 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 4)  # far larger frames cut the peer off
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.bind(endpoint)
-        self.sync_sock = zmq.Socket.shadow(self.sock.underlying)  # the same socket, for polling on the loop
+        self.sync_sock = zmq.Socket.shadow(self.sock.underlying)  # the same socket, for the loop's own polls and sends
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="djinn-rpc")
         self._serving: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -114,7 +114,7 @@ class Server:
     async def _answer_slow(self, ident, rid, method, params) -> None:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self._answer, rid, lambda: self.service.handle(method, params))
-        self._send(ident, await fut)
+        self._send(ident, await fut, from_task=True)
 
     def _answer(self, rid, call) -> bytes | None:
         """The reply to `call()`'s result or error; None when the call says NOT_NOW."""
@@ -127,10 +127,22 @@ class Server:
             log.exception("request %s failed", rid)
             return protocol.error(rid, "internal", f"internal error: {e!r}")
 
-    def _send(self, ident, reply: bytes) -> None:
-        """Reply without waiting: a ROUTER never blocks, it drops what it cannot route."""
-        fut = self.sock.send_multipart([ident, reply], flags=zmq.NOBLOCK)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    def _send(self, ident, reply: bytes, from_task: bool = False) -> None:
+        """Reply without waiting: a ROUTER never blocks, it drops what it cannot route.
+
+        serve() answers inline on the plain socket (the asyncio one's future costs ~30 us a reply
+        on a core gone cold) and then receives, which looks for a waiting request first. A task
+        replies while serve() waits to receive: on the asyncio socket, which then looks for a
+        request that came meanwhile (zmq's wake-up is edge-triggered: a plain send could eat it).
+        """
+        if from_task:
+            fut = self.sock.send_multipart([ident, reply], flags=zmq.NOBLOCK)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        else:
+            try:
+                self.sync_sock.send_multipart([ident, reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # the socket is closing: the reply is dropped, as an unroutable one is
+                pass
         if self.service.stop_requested:
             self.stop()
 
