@@ -63,7 +63,7 @@ class ScenarioRuns:
                       exit_code=code, output=rec["output"])
 
     def abort(self, run) -> dict:
-        rec = self._runs.get(run)
+        rec = self._runs.get(run) if isinstance(run, int) and not isinstance(run, bool) else None
         if rec is None:
             raise DjinnError("bad_params", f"no scenario run {run!r}")
         if rec["proc"].poll() is None:

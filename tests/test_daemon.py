@@ -224,6 +224,46 @@ def test_1000_hostile_requests_get_errors_and_the_daemon_serves_on(daemon):
     assert daemon.proc.poll() is None
 
 
+def test_random_requests_to_every_method_keep_the_daemon_serving_and_a_session_intact(daemon):
+    """3,000 requests to every method with its own parameters (now and then a stray one) set to
+    random values of every JSON type, most aimed at one session: each gets a reply without an
+    internal error, and that session's tokens are still those of its prompt run straight through."""
+    import inspect
+
+    from djinnd.service import Service
+
+    rng = random.Random(3)
+    values = [None, True, 0, 1, 2, -1, 2**70, 1.5, "x", "", [], [1], [0, 1, 2], [1, "a"], {}, {"a": 1}, "IO_WAIT",
+              "COMPUTE", "set", "scale", "1GiB", [[1]]]
+    methods = {m: [p for p in inspect.signature(fn).parameters if p != "self"] for m, fn in Service.METHODS.items()
+               if m not in ("shutdown", "memory.set_budget", "memory.set_swap")}
+    seen = set()
+    with daemon.client(timeout=60) as c:
+        kept = c.create_session(prompt="The capital of France is")
+        for _ in range(3000):
+            method = rng.choice([*methods, "no.such"])
+            names = [n for n in methods.get(method, []) if rng.random() < 0.8] + ["x"] * (rng.random() < 0.1)
+            params = {n: kept if n == "session" and rng.random() < 0.8 else rng.choice(values) for n in names}
+            if method == "session.close" and params.get("session") == kept:
+                continue
+            try:
+                c.call(method, timeout=60, **params)
+                seen.add("ok")
+            except DjinnError as e:
+                seen.add(e.code)
+            if c.session(kept)["state"] == "paused":  # so a patch never finds it paused: its tokens stay
+                seen.add("paused")
+                while c.resume(kept) is None:
+                    pass
+        assert not seen & {"internal", "timeout", "no_daemon"}, seen
+        assert {"ok", "paused", "bad_params", "bad_state", "unknown_method"} <= seen, seen
+        tokens = c.session(kept)["tokens"]
+        assert len(tokens) > 10
+        ref = c.create_session(prompt="The capital of France is")
+        assert c.generate(ref, len(tokens)) == tokens
+    assert daemon.proc.poll() is None
+
+
 def test_a_parameter_json_cannot_carry_is_a_clear_error_and_nothing_is_sent(daemon):
     with daemon.client(timeout=30) as c:
         sid = c.create_session(prompt="The capital of France is")
