@@ -28,3 +28,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/rpc.py
 	$(PY) bench/swap.py
+	$(PY) bench/step.py
