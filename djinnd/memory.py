@@ -103,6 +103,7 @@ class MemoryManager:
         """Keep `s` from being swapped out (it is computing, or being inspected)."""
         with self.acct:
             s.pins += 1
+            s.pins_taken += 1
 
     def unpin(self, s) -> None:
         with self.acct:
@@ -181,8 +182,10 @@ class MemoryManager:
     def swap_out(self, s, reason: str = "evict", tier: str | None = None) -> None:
         """Copy every device tensor of `s` to the host pool (or disk), then free the device storage in place."""
         with self.lock:
-            if s.stored is not None or s.pins or self.sessions.get(s.id) is not s:
-                return
+            with self.acct:
+                if s.stored is not None or s.pins or self.sessions.get(s.id) is not s:
+                    return
+                pins_taken = s.pins_taken
             storages = _unique_storages(s.swappable_tensors())
             sizes = [st.nbytes() for st in storages]
             total = sum(sizes)
@@ -200,8 +203,8 @@ class MemoryManager:
                 raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
             ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
             with self.acct:
-                if s.pins:  # a forward started meanwhile: it keeps its device copy
-                    self._free(stored)
+                if s.pins_taken != pins_taken:  # a forward ran or runs meanwhile: the copy may have missed
+                    self._free(stored)          # what it wrote, and the device copy stays
                     return
                 for st in storages:
                     st.resize_(0)  # every view the paused forward holds stays valid, now without memory

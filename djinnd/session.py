@@ -30,6 +30,7 @@ class Session:
         self.charge = 0
         self.act_charge = 0
         self.pins = 0
+        self.pins_taken = 0  # ever: a swap-out whose copy spans a pin may have missed what was written
         self.forward_pinned = False
         self.long_segment = False  # the running forward is a prefill (see DeviceLock.hand_over)
         self.stored = None

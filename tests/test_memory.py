@@ -256,6 +256,37 @@ def test_a_resident_sessions_decode_does_not_wait_behind_anothers_slow_swap(make
     assert rt.generate(slow.id, 1) and slow.location == "device"
 
 
+def test_a_decode_step_taken_while_its_swap_out_copies_is_not_lost(make_rt):
+    """A forward that pins, computes and unpins between the swap-out's copy and its commit makes
+    that copy stale: it is dropped, and the session's tokens stay those of its prompt."""
+    import threading
+    rt = make_rt()
+    ref = rt.create(prompt=PROMPT)
+    expected = rt.generate(ref.id, 6)
+    s = rt.create(prompt=PROMPT)
+    toks = rt.generate(s.id, 2)
+    write = rt.mem.disk.write
+    copied, stepped = threading.Event(), threading.Event()
+
+    def write_then_wait(*args):  # the copy is taken; the step runs before the swap-out commits
+        path = write(*args)
+        copied.set()
+        stepped.wait(5)
+        return path
+
+    rt.mem.disk.write = write_then_wait
+    t = threading.Thread(target=rt.mem.swap_out, args=(s,), kwargs={"tier": "disk"})
+    t.start()
+    assert copied.wait(5)
+    toks += rt.generate(s.id, 1)
+    stepped.set()
+    t.join()
+    rt.mem.disk.write = write
+    assert s.location == "device" and rt.mem.disk.used == 0
+    toks += rt.generate(s.id, 3)
+    assert toks == expected
+
+
 def test_eviction_order_leaves_a_session_queued_for_the_device_to_last_in_its_class():
     from types import SimpleNamespace as S
 
