@@ -28,6 +28,10 @@ _running: contextvars.ContextVar = contextvars.ContextVar("djinn_session", defau
 MAX_VALUES = 1 << 16  # elements an inspect may return
 
 
+def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
+    return err if isinstance(err, DjinnError) else DjinnError("internal", f"forward of session {s.id} failed: {err!r}")
+
+
 class Runtime:
     def __init__(self, lm, bus, budget: int, host_pool: int, spill_dir, capacity: int = 0,
                  device_lock: DeviceLock | None = None):
@@ -141,8 +145,7 @@ class Runtime:
                     self.device_lock.release()
                     return None
                 s.state, s.breakpoints, s.error, s.token = "running", [], None, None
-            self._forward(s, holding=True)
-            return self._wait(s)["token"]
+            return self._forward(s, holding=True)
         finally:
             self.mem.unpin(s)
 
@@ -182,7 +185,7 @@ class Runtime:
                 s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
                 s.thread.start()
         if not breakpoints:  # it cannot pause: run it here and spare a thread hand-off per token
-            self._forward(s)
+            return {"state": "idle", "token": self._forward(s)}
         return self._wait(s)
 
     def _wait(self, s: Session, resumed: bool = False) -> dict:
@@ -192,15 +195,19 @@ class Runtime:
             s.cond.wait_for(lambda: s.state != "running" or s.error is not None)
             if s.error is not None:
                 err, s.error = s.error, None
-                if isinstance(err, DjinnError):
-                    raise err
-                raise DjinnError("internal", f"forward of session {s.id} failed: {err!r}")
+                raise _as_djinn_error(s, err)
             if s.state == "paused":
                 return {"state": "paused", "layer": s.layer}
             return {"state": s.state, "token": s.token}
 
-    def _forward(self, s: Session, holding: bool = False) -> None:
-        """One forward pass: compute on the device, pausing at breakpoints, then record the token."""
+    def _forward(self, s: Session, holding: bool = False) -> int | None:
+        """One forward pass: compute on the device, pausing at breakpoints, then record the token.
+
+        One without breakpoints runs on its caller's thread and returns the token (or raises): read
+        back from the session, it could already be another forward's, started meanwhile by another
+        client. One with breakpoints runs in a thread of its own and leaves its outcome for `_wait`.
+        """
+        inline = not s.breakpoints
         running = _running.set(s)
         start_len = s.cache.seq_len
         s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
@@ -240,11 +247,16 @@ class Runtime:
         with s.cond:
             s.state, s.layer, s.last_used = "idle", None, time.monotonic()
             s.resume_requested = False
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, Exception) and not inline:
                 s.error = outcome
             s.cond.notify_all()
-        if outcome is None and s.breakpoints:  # a white-box forward's end; plain decode steps stay quiet
-            self._event(s, "finished", token=s.token)
+        if inline:
+            if isinstance(outcome, Exception):
+                raise _as_djinn_error(s, outcome)
+            return token
+        if outcome is None:  # a white-box forward's end; plain decode steps stay quiet
+            self._event(s, "finished", token=token)
+        return None
 
     def _enter(self, s: Session, new_tokens: int) -> None:
         """Make `s` resident and charge it for this forward's KV growth and activations, before allocating."""

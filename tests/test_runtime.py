@@ -326,6 +326,30 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     assert rt.step_now(999) is None and rt.step_now("1") is None
 
 
+def test_a_decode_step_returns_its_own_token_when_another_client_starts_the_next_forward_at_once(rt):
+    """Another client's run_to may start the session's next forward the moment a decode step ends,
+    before the step's caller reads its result: the caller still gets its own token."""
+    ref = reference(rt, n=3)
+    s = rt.create(prompt=PROMPT)
+    real, others = rt._forward, []
+
+    def forward_then_another_client_runs_to(sess, holding=False):
+        token = real(sess, holding)
+        if sess is s and not others and len(sess.generated) == 2:
+            others.append(threading.Thread(target=rt.run_to, args=(s.id, [2])))
+            others[0].start()
+            deadline = time.monotonic() + 10
+            while s.state != "paused":
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        return token
+
+    rt._forward = forward_then_another_client_runs_to
+    assert rt.generate(s.id, 2) == ref[:2]
+    others[0].join()
+    assert rt.resume(s.id) == {"state": "idle", "token": ref[2]}
+
+
 def test_a_long_prefill_lets_a_decode_step_through_and_its_tokens_do_not_change(rt, lm):
     long_prompt = [3 + i % 500 for i in range(1500)]
     ref = rt.create(token_ids=long_prompt)
