@@ -211,7 +211,7 @@ class Runtime:
         running = _running.set(s)
         start_len = s.cache.seq_len
         s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
-        hooked = bool(s.breakpoints) or s.long_segment  # it may pause, hand over or be closed between layers
+        hooked = not inline or s.long_segment  # it may pause, hand over or be closed between layers
         if hooked:
             self._use_hooks()
         try:
