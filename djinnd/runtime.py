@@ -83,11 +83,12 @@ class Runtime:
 
     def close(self, sid) -> None:
         s = self.get(sid)
-        with s.op_lock:
+        with s.cond:
+            if s.closing:
+                raise DjinnError("unknown_session", f"session {s.id} is closing")
+            s.closing = True  # no forward starts from now on; one running stops at its next layer
+        with s.op_lock:  # its caller, who holds it, has its answer first
             with s.cond:
-                if s.closing:
-                    raise DjinnError("unknown_session", f"session {s.id} is closing")
-                s.closing = True  # no forward starts from now on; a generate loop stops at its next token
                 s.cond.wait_for(lambda: s.state != "running", 120)
                 s.abort_requested = True
                 s.cond.notify_all()
@@ -138,14 +139,19 @@ class Runtime:
             return None
         self.mem.pin(s)  # from here no swap-out can take it: resident now means resident for the step
         try:
-            if s.stored is not None or not self.device_lock.acquire(s.qos, wait=False):
+            if s.stored is not None or not s.op_lock.acquire(blocking=False):
                 return None
-            with s.cond:
-                if s.state != "idle" or s.closing:
-                    self.device_lock.release()
+            try:
+                if not self.device_lock.acquire(s.qos, wait=False):
                     return None
-                s.state, s.breakpoints, s.error, s.token = "running", [], None, None
-            return self._forward(s, holding=True)
+                with s.cond:
+                    if s.state != "idle" or s.closing:
+                        self.device_lock.release()
+                        return None
+                    s.state, s.breakpoints, s.error, s.token = "running", [], None, None
+                return self._forward(s, holding=True)
+            finally:
+                s.op_lock.release()
         finally:
             self.mem.unpin(s)
 
@@ -174,19 +180,31 @@ class Runtime:
             return self._wait(s, resumed=True)
 
     def _run_forward(self, s: Session, breakpoints: list[int]) -> dict:
-        with s.cond:
-            if s.closing:
-                raise DjinnError("unknown_session", f"session {s.id} is closing")
-            if s.state != "idle":
-                where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
-                raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
-            s.state, s.breakpoints, s.error, s.token = "running", breakpoints, None, None
-            if breakpoints:  # it may pause: a thread of its own, which waits there for resume
-                s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
-                s.thread.start()
-        if not breakpoints:  # it cannot pause: run it here and spare a thread hand-off per token
-            return {"state": "idle", "token": self._forward(s)}
-        return self._wait(s)
+        # held until the forward pauses or ends: no other request's forward or resume comes between
+        # it and the answer read back from the session
+        if not s.op_lock.acquire(blocking=False):
+            self._check_idle(s)
+            raise DjinnError("bad_state", f"session {s.id} is busy with another request")
+        try:
+            with s.cond:
+                self._check_idle(s)
+                s.state, s.breakpoints, s.error, s.token = "running", breakpoints, None, None
+                if breakpoints:  # it may pause: a thread of its own, which waits there for resume
+                    s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
+                    s.thread.start()
+            if not breakpoints:  # it cannot pause: run it here and spare a thread hand-off per token
+                return {"state": "idle", "token": self._forward(s)}
+            return self._wait(s)
+        finally:
+            s.op_lock.release()
+
+    @staticmethod
+    def _check_idle(s: Session) -> None:
+        if s.closing:
+            raise DjinnError("unknown_session", f"session {s.id} is closing")
+        if s.state != "idle":
+            where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
+            raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
 
     def _wait(self, s: Session, resumed: bool = False) -> dict:
         with s.cond:

@@ -40,7 +40,7 @@ class Session:
         self.created_at = time.time()
         # forward thread handshake
         self.cond = threading.Condition()
-        self.op_lock = threading.Lock()  # resume, inspect, patch and close, one at a time
+        self.op_lock = threading.Lock()  # a forward (until its answer), resume, inspect, patch and close, one at a time
         self.closing = False
         self.resume_requested = False
         self.abort_requested = False

@@ -326,27 +326,52 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     assert rt.step_now(999) is None and rt.step_now("1") is None
 
 
-def test_a_decode_step_returns_its_own_token_when_another_client_starts_the_next_forward_at_once(rt):
-    """Another client's run_to may start the session's next forward the moment a decode step ends,
-    before the step's caller reads its result: the caller still gets its own token."""
+def test_a_forward_answers_its_own_caller_whatever_another_client_does_the_moment_it_ends(rt):
+    """Another client may act on the session the moment a forward pauses or ends, before the
+    forward's caller has read its answer: the caller still gets its own, and the other request
+    comes after it (or is refused, the session busy)."""
     ref = reference(rt, n=3)
     s = rt.create(prompt=PROMPT)
-    real, others = rt._forward, []
+    real_forward, real_wait, other = rt._forward, rt._wait, {}
 
-    def forward_then_another_client_runs_to(sess, holding=False):
-        token = real(sess, holding)
-        if sess is s and not others and len(sess.generated) == 2:
-            others.append(threading.Thread(target=rt.run_to, args=(s.id, [2])))
-            others[0].start()
-            deadline = time.monotonic() + 10
-            while s.state != "paused":
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
+    def act_then(call, answer):  # another client's request, given a second to come first
+        t = threading.Thread(target=lambda: other.update(result=call()))
+        t.start()
+        t.join(1)
+        other["thread"] = t
+        return answer()
+
+    def forward(sess, holding=False):  # a decode step ends; another client's run_to comes at once
+        token = real_forward(sess, holding)
+        if sess is s and len(sess.generated) == 2 and not other:
+            def run_to():
+                try:
+                    return rt.run_to(s.id, [2])
+                except DjinnError as e:
+                    return e.code
+            return act_then(run_to, lambda: token)
         return token
 
-    rt._forward = forward_then_another_client_runs_to
+    rt._forward = forward
     assert rt.generate(s.id, 2) == ref[:2]
-    others[0].join()
+    other["thread"].join()
+    assert other["result"] == "bad_state"  # refused: the step's caller was still to be answered
+    rt._forward = real_forward
+
+    def wait(sess, resumed=False):  # the run_to's forward pauses; another client resumes it at once
+        if sess is s and not resumed and "resumed" not in other:
+            def resume():
+                while s.state != "paused":
+                    time.sleep(0.001)
+                return rt.resume(s.id)
+            other["resumed"] = True
+            return act_then(resume, lambda: real_wait(sess, resumed))
+        return real_wait(sess, resumed)
+
+    rt._wait = wait
+    assert rt.run_to(s.id, [2, 5]) == {"state": "paused", "layer": 2}
+    other["thread"].join()
+    assert other["result"] == {"state": "paused", "layer": 5}
     assert rt.resume(s.id) == {"state": "idle", "token": ref[2]}
 
 
