@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
 from bench.common import load_line, machine_line  # noqa: E402
 from djinnd.models import load_model  # noqa: E402
 from djinnd.runtime import Runtime  # noqa: E402
 from djinnd.telemetry import EventBus  # noqa: E402
+from scenarios.decode import greedy_decode  # noqa: E402
 
 PROMPT = list(range(5, 37))
 
@@ -44,16 +44,8 @@ def main() -> None:
     rt = Runtime(lm, bus, lm.weights_bytes + (256 << 20), 64 << 20, tempfile.mkdtemp())
 
     def bare() -> float:
-        cache, step, lat = DynamicCache(config=lm.model.config), torch.tensor([PROMPT], device=lm.device), []
         with torch.inference_mode():
-            for k in range(a.tokens + 1):
-                t0 = time.perf_counter()
-                out = lm.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                token = int(out.logits[0, -1].argmax())  # waits for the device, as step_now's does
-                step = torch.tensor([[token]], device=lm.device)
-                if k:  # the prefill is not timed
-                    lat.append(time.perf_counter() - t0)
-        return statistics.median(lat)
+            return statistics.median(greedy_decode(lm, PROMPT, a.tokens)[1])
 
     def step_now(beside_paused: bool) -> float:
         paused = rt.create(token_ids=PROMPT) if beside_paused else None

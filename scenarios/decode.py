@@ -45,7 +45,7 @@ def run(ctx, p: dict):
             f"loading {model['name']} in-process on {device} ({dev['dtype']}) for the in-process side")
     lm = load_model(source, device, parse_dtype(dev["dtype"]))
     with _FloorServer(source, device, dev["dtype"]) as floor_server:
-        return _measure(ctx, p, c, model, ids, math, lm, device, floor_server)
+        return _measure(ctx, p, c, model, ids, math, lm, floor_server)
 
 
 class _FloorServer:
@@ -79,9 +79,27 @@ class _FloorServer:
         self.folder.cleanup()
 
 
-def _measure(ctx, p, c, model, ids, math, lm, device, floor_server):
+def greedy_decode(lm, ids: list[int], count: int) -> tuple[list[int], list[float]]:
+    """The prompt's token and `count` more, greedily over a transformers DynamicCache in this
+    process, under the caller's grad mode; with each decode step's seconds (the prefill untimed)."""
     import torch
     from transformers import DynamicCache
+
+    cache, step = DynamicCache(config=lm.model.config), torch.tensor([ids], device=lm.device)
+    toks, lat = [], []
+    for k in range(count + 1):
+        t0 = time.perf_counter()
+        out = lm.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = int(out.logits[0, -1].argmax())  # int() waits for the device, as the daemon's does
+        if k:
+            lat.append(time.perf_counter() - t0)
+        toks.append(tok)
+        step = torch.tensor([[tok]], device=lm.device)
+    return toks, lat
+
+
+def _measure(ctx, p, c, model, ids, math, lm, floor_server):
+    import torch
 
     n, reps = p["tokens"], p["repeats"]
     sessions = 0
@@ -105,19 +123,8 @@ def _measure(ctx, p, c, model, ids, math, lm, device, floor_server):
         return toks, lat
 
     def in_process(count: int):
-        cache = DynamicCache(config=lm.model.config)
-        step = torch.tensor([ids], device=device)
-        toks, lat = [], []
         with torch.no_grad():
-            for k in range(count + 1):
-                t0 = time.perf_counter()
-                out = lm.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                tok = int(out.logits[0, -1].argmax())  # int() waits for the device, as the daemon's does
-                if k:  # the prefill is not timed
-                    lat.append(time.perf_counter() - t0)
-                toks.append(tok)
-                step = torch.tensor([[tok]], device=device)
-        return toks, lat
+            return greedy_decode(lm, ids, count)
 
     def in_thread(count: int):  # as the daemon computes: a worker thread (torch's threading differs there)
         out = []
