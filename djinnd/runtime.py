@@ -221,9 +221,9 @@ class Runtime:
     def _forward(self, s: Session, holding: bool = False) -> int | None:
         """One forward pass: compute on the device, pausing at breakpoints, then record the token.
 
-        One without breakpoints runs on its caller's thread and returns the token (or raises): read
-        back from the session, it could already be another forward's, started meanwhile by another
-        client. One with breakpoints runs in a thread of its own and leaves its outcome for `_wait`.
+        One without breakpoints runs on its caller's thread and returns the token (or raises) to it
+        directly; one with breakpoints runs in a thread of its own and leaves its outcome on the
+        session for `_wait`.
         """
         inline = not s.breakpoints
         running = _running.set(s)
