@@ -16,6 +16,7 @@ Three kinds of model:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import pathlib
 import shutil
@@ -94,6 +95,12 @@ class LoadedModel:
     vocab_size: int
     weights_bytes: int
     kv_bytes_per_token: int
+    cache_kwarg: str = "past_key_values"  # "cache" where transformers has renamed it
+
+    def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """The last position's logits of one forward over ``ids`` [1, n] that extends the KV ``cache``."""
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache})
+        return out.logits[0, -1]
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder layers, where sessions hang their pause/inspect hooks."""
@@ -252,6 +259,8 @@ def _wrap(name: str, path: str, model, tokenizer, device: torch.device) -> Loade
         vocab_size=cfg.vocab_size,
         weights_bytes=_tensor_bytes(model),
         kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype.itemsize,
+        # the old name still works there, through a wrapper that warns on every call (~12 us a step)
+        cache_kwarg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
     )
 
 

@@ -238,10 +238,7 @@ class Runtime:
                 self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
             self._enter(s, len(s.pending))
             with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
-                ids = torch.tensor([s.pending], device=self.lm.device)
-                out = self.lm.model(input_ids=ids, past_key_values=s.cache.cache, use_cache=True, logits_to_keep=1)
-                token = int(out.logits[0, -1].argmax())
-            del out
+                token = int(self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache).argmax())
             s.generated.append(token)
             s.pending = [token]
             outcome, s.token = None, token

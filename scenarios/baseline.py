@@ -60,14 +60,14 @@ def hold_all(ctx, p: dict):
             captured = []
             try:
                 with torch.no_grad():
-                    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    logits = lm.forward(ids, cache)
             except torch.cuda.OutOfMemoryError:
                 oom_at = i
                 ctx.say(f"baseline: out of device memory at session {i}")
                 break
             kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            total += _bytes(kv + captured + [out.logits])
-            held.append((cache, captured, out.logits))
+            total += _bytes(kv + captured + [logits])
+            held.append((cache, captured, logits))
             used = torch.cuda.memory_allocated(device) if cuda else lm.weights_bytes + total
             ctx.sample(used)
             if used > budget and over_at is None:

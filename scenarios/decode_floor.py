@@ -31,8 +31,7 @@ def serve(source: str, device: str, dtype: str, endpoint: str) -> None:
             ids = json.loads(sock.recv())
             if ids is not None:
                 cache, step = DynamicCache(config=lm.model.config), torch.tensor([ids], device=lm.device)
-            out = lm.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = int(out.logits[0, -1].argmax())
+            token = int(lm.forward(step, cache).argmax())
             step = torch.tensor([[token]], device=lm.device)
             sock.send(b"%d" % token)
 
