@@ -105,9 +105,21 @@ class MemoryManager:
             s.pins += 1
             s.pins_taken += 1
 
-    def unpin(self, s) -> None:
+    def pin_resident(self, s, nbytes: int) -> bool:
+        """Pin `s` and charge it `nbytes` in one step, if it is on the device and they fit without
+        swapping anyone out (a decode step on the RPC loop, which must never wait for a swap)."""
+        with self.acct:
+            if s.stored is not None or not self._charge_if_fits(s, nbytes):
+                return False
+            s.pins += 1
+            s.pins_taken += 1
+            return True
+
+    def unpin(self, s, release: int = 0) -> None:
+        """Let `s` be swapped out again, giving back `release` bytes of its charge with the pin."""
         with self.acct:
             s.pins -= 1
+            s.charge = max(0, s.charge - release)
             self._changed()
 
     def reserve(self, s, nbytes: int, timeout: float = 60.0, make_room: bool = True) -> None:

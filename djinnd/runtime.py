@@ -134,12 +134,13 @@ class Runtime:
         """
         s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
         if (s is None or s.state != "idle" or s.closing or len(s.pending) != 1
-                or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity
-                or self.mem.used + self._act_bytes(1) > self.mem.budget):
+                or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity):
             return None
-        self.mem.pin(s)  # from here no swap-out can take it: resident now means resident for the step
+        act = self._act_bytes(1)
+        if not self.mem.pin_resident(s, act):  # from here no swap-out can take it, and its activations have room
+            return None
         try:
-            if s.stored is not None or not s.op_lock.acquire(blocking=False):
+            if not s.op_lock.acquire(blocking=False):
                 return None
             try:
                 if not self.device_lock.acquire(s.qos, wait=False):
@@ -149,11 +150,13 @@ class Runtime:
                         self.device_lock.release()
                         return None
                     s.state, s.breakpoints, s.error, s.token = "running", [], None, None
+                    s.forward_pinned, s.act_charge, act = True, act, 0  # the forward's end gives both back
                 return self._forward(s, holding=True)
             finally:
                 s.op_lock.release()
         finally:
-            self.mem.unpin(s)
+            if act:  # it did not start
+                self.mem.unpin(s, release=act)
 
     def run_to(self, sid, layers) -> dict:
         """Start the next forward with breakpoints after the given decoder layers; return at the first."""
@@ -236,7 +239,7 @@ class Runtime:
             waking, s.waking = s.waking, False
             if not holding:  # a decode step goes before a prefill, and a waking one before the others
                 self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
-            self._enter(s, len(s.pending))
+            self._enter(s, len(s.pending), charged=holding)
             with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
                 token = int(self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache).argmax())
             s.generated.append(token)
@@ -273,25 +276,27 @@ class Runtime:
             self._event(s, "finished", token=token)
         return None
 
-    def _enter(self, s: Session, new_tokens: int) -> None:
-        """Make `s` resident and charge it for this forward's KV growth and activations, before allocating."""
+    def _enter(self, s: Session, new_tokens: int, charged: bool = False) -> None:
+        """Make `s` resident and charge it for this forward's KV growth and activations, before allocating
+        (`charged`: step_now has pinned it resident, with room for both)."""
         self.prefetch.computing(s)
-        self._pin_forward(s)
-        self.mem.swap_in(s, reason="demand")
-        cache = s.cache
-        cap = cache.capacity_for(cache.seq_len + new_tokens)
-        if cap > cache.capacity:
-            old, new = cache.nbytes, cache.bytes_for(cap)
-            self.mem.reserve(s, new)
-            try:
-                cache.grow(cap)
-            except BaseException:
-                self.mem.release(s, new)
-                raise
-            self.mem.release(s, old)
-        act = self._act_bytes(new_tokens)
-        self.mem.reserve(s, act)
-        s.act_charge = act
+        if not charged:
+            self._pin_forward(s)
+            self.mem.swap_in(s, reason="demand")
+            cache = s.cache
+            cap = cache.capacity_for(cache.seq_len + new_tokens)
+            if cap > cache.capacity:
+                old, new = cache.nbytes, cache.bytes_for(cap)
+                self.mem.reserve(s, new)
+                try:
+                    cache.grow(cap)
+                except BaseException:
+                    self.mem.release(s, new)
+                    raise
+                self.mem.release(s, old)
+            act = self._act_bytes(new_tokens)
+            self.mem.reserve(s, act)
+            s.act_charge = act
         s.last_used = time.monotonic()
 
     def _act_bytes(self, tokens: int) -> int:
