@@ -9,6 +9,11 @@
 # defaults), baseline (the same with baseline=hold-all). A failed step does not stop the next;
 # each step's exit code and seconds go to $OUT/steps.txt.
 #
+# Both exp3 runs take the budget of the experiment's own card, an 80 GB H100 (the daemon's default
+# there: 0.9 x 79.6 GiB), so that a larger card reproduces it: the lent H200 (139 GiB) would hold
+# all 50 sessions under its own default, and nothing would need to swap. GV_EXP3_BUDGET=daemon
+# keeps the card's own default.
+#
 # At most 8 files come back from $OUT, so the scenario folders are written under /tmp and come
 # back as one runs.tar.gz, with results.json and vram.csv also copied flat beside it:
 #   steps.txt  validate.log  swap.json  exp3.results.json  exp3.vram.csv
@@ -24,6 +29,7 @@ mkdir -p "$OUT" "$RUNS/logs"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DJINN_SOCKET=/tmp/gv-nodaemon/djinnd.sock  # nothing listens: each scenario starts its private daemon
+EXP3_BUDGET=${GV_EXP3_BUDGET:-71GiB}
 START=$SECONDS
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(env wheels tests swap exp3 baseline)
@@ -102,14 +108,14 @@ fi
 
 gpu_procs() { nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv; }
 
-log "gpu_validate: steps ${STEPS[*]}, budget ${BUDGET}s, OUT=$OUT, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "gpu_validate: steps ${STEPS[*]}, time budget ${BUDGET}s, exp3 budget $EXP3_BUDGET, OUT=$OUT, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 step env 30 env_info
 step wheels 90 wheels
 step tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
 step swap 120 "$PY" bench/swap.py --device cuda --disk --json "$OUT/swap.json"
-step exp3 270 "$PY" -m djinnd.cli scenario run exp3 --headless --output "$RUNS/exp3"
+step exp3 270 "$PY" -m djinnd.cli scenario run exp3 --headless --set budget="$EXP3_BUDGET" --output "$RUNS/exp3"
 wanted baseline && gpu_procs | tee -a "$OUT/validate.log"  # memory a leftover daemon would still hold
-step baseline 150 "$PY" -m djinnd.cli scenario run exp3 --headless --set baseline=hold-all --output "$RUNS/exp3-baseline"
+step baseline 150 "$PY" -m djinnd.cli scenario run exp3 --headless --set budget="$EXP3_BUDGET" --set baseline=hold-all --output "$RUNS/exp3-baseline"
 
 # pack up: a few files flat, everything else in one tarball
 for run in exp3 exp3-baseline; do
