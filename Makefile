@@ -29,3 +29,4 @@ bench: $(STAMP)
 	$(PY) bench/rpc.py
 	$(PY) bench/swap.py
 	$(PY) bench/step.py
+	$(PY) bench/transport.py
