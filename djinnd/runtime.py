@@ -133,8 +133,7 @@ class Runtime:
         what a call costs over a small model's token.
         """
         s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
-        if (s is None or s.state != "idle" or s.closing or len(s.pending) != 1
-                or s.cache.capacity_for(s.cache.seq_len + 1) > s.cache.capacity):
+        if s is None or not self._steppable(s):
             return None
         act = self._act_bytes(1)
         if not self.mem.pin_resident(s, act):  # from here no swap-out can take it, and its activations have room
@@ -146,7 +145,7 @@ class Runtime:
                 if not self.device_lock.acquire(s.qos, wait=False):
                     return None
                 with s.cond:
-                    if s.state != "idle" or s.closing:
+                    if not self._steppable(s):  # another request's forward came first
                         self.device_lock.release()
                         return None
                     s.state, s.breakpoints, s.error, s.token = "running", [], None, None
@@ -157,6 +156,12 @@ class Runtime:
         finally:
             if act:  # it did not start
                 self.mem.unpin(s, release=act)
+
+    @staticmethod
+    def _steppable(s: Session) -> bool:
+        """Idle, with one token to decode, and room for it in its KV slab."""
+        return (s.state == "idle" and not s.closing and len(s.pending) == 1
+                and s.cache.capacity_for(s.cache.seq_len + 1) <= s.cache.capacity)
 
     def run_to(self, sid, layers) -> dict:
         """Start the next forward with breakpoints after the given decoder layers; return at the first."""

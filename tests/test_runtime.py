@@ -336,6 +336,29 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     assert rt.step_now(999) is None and rt.step_now("1") is None
 
 
+def test_a_step_that_another_forward_overtakes_to_a_full_kv_slab_is_declined(rt):
+    """Another client's step may come between step_now's first look and its pin, and fill the
+    slab: the step is then declined (for a worker, which grows the slab), not failed."""
+    s = rt.create(prompt=PROMPT)
+    toks = rt.generate(s.id, 1)
+    while s.cache.seq_len < s.cache.capacity - 1:
+        toks += rt.generate(s.id, 1)
+    ref = reference(rt, n=len(toks) + 2)
+    real = rt.mem.pin_resident
+
+    def overtaken(sess, nbytes):
+        rt.mem.pin_resident = real
+        toks.extend(rt.generate(s.id, 1))  # the slab is full now
+        return real(sess, nbytes)
+
+    rt.mem.pin_resident = overtaken
+    capacity = s.cache.capacity
+    assert rt.step_now(s.id) is None
+    assert s.cache.seq_len == capacity and s.pins == 0 and s.state == "idle"
+    toks += rt.generate(s.id, 1)  # grows the slab
+    assert toks == ref
+
+
 def test_a_forward_answers_its_own_caller_whatever_another_client_does_the_moment_it_ends(rt):
     """Another client may act on the session the moment a forward pauses or ends, before the
     forward's caller has read its answer: the caller still gets its own, and the other request
