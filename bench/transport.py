@@ -96,7 +96,7 @@ class Served:
     """One way of serving steps from another process: `call(start)` returns the token."""
 
     def __init__(self, way: str, folder: str):
-        ctx, ready = mp.get_context("spawn"), None
+        ctx = mp.get_context("spawn")
         self.proc = self.sock = self.shm = self.daemon = None
         if way == "djinnd per call":
             self.daemon = PrivateDaemon("--device", "cpu")
