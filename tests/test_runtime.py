@@ -310,18 +310,21 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     t = threading.Thread(target=hold_the_device)
     t.start()
     held.wait()
-    before = (s.state, s.cache.seq_len, list(s.generated), s.charge, s.pins, rt.mem.used)
+    def books():
+        return s.state, s.cache.seq_len, list(s.generated), s.charge, s.pins, rt.mem.used
+
+    before = books()
     assert rt.step_now(s.id) is None  # the device is busy: nothing changes
-    assert (s.state, s.cache.seq_len, list(s.generated), s.charge, s.pins, rt.mem.used) == before
+    assert books() == before
     release.set()
     t.join()
     other = rt.create(prompt=PROMPT)
     rt.generate(other.id, 1)  # resident beside it, and idle: a swap-out could make room
     budget = rt.mem.budget
     rt.mem.set_budget(rt.mem.used + rt._act_bytes(1) - 1)  # a step's activations do not fit
-    before = before[:3] + (s.charge, 0, rt.mem.used)
+    before = books()
     assert rt.step_now(s.id) is None  # no room: declined, nobody swapped out on the caller's thread
-    assert (s.state, s.cache.seq_len, list(s.generated), s.charge, s.pins, rt.mem.used) == before
+    assert books() == before
     assert other.stored is None and rt.mem.counters["swap_outs"] == 0
     rt.mem.set_budget(budget)
     rt.close(other.id)
