@@ -93,8 +93,8 @@ def default_budget(device, capacity: int, weights: int) -> int:
 
 def default_host_pool(device) -> int:
     import psutil
-    if device.type == "cuda":  # pinned memory comes in powers of two from torch: ask for one
-        return 1 << (min(psutil.virtual_memory().total // 2, 96 << 30).bit_length() - 1)
+    if device.type == "cuda":  # half the host memory, at most 96 GiB, in whole GiB (pinned exactly)
+        return min(psutil.virtual_memory().total // 2, 96 << 30) >> 30 << 30
     return 1 << 30
 
 

@@ -7,6 +7,7 @@ map would turn a full disk into SIGBUS, a plain write into an error we can recov
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,25 @@ def u8(storage: torch.UntypedStorage) -> torch.Tensor:
     return t.set_(storage, 0, (storage.nbytes(),))
 
 
+def host_buffer(owner, n: int, pinned: bool) -> torch.Tensor:
+    """`n` bytes of host memory, page-locked with CUDA when `pinned`, exactly: torch's pinned
+    allocator rounds a request up to a power of two (48 GiB asked would pin 64). The pages are
+    registered for as long as `owner` lives."""
+    buf = torch.empty(n, dtype=torch.uint8)
+    if pinned and n:
+        cudart = torch.cuda.cudart()
+        err = int(cudart.cudaHostRegister(buf.data_ptr(), n, 0))
+        if err:
+            raise OSError(f"cannot pin {n} B of host memory (cudaHostRegister error {err})")
+        weakref.finalize(owner, cudart.cudaHostUnregister, buf.data_ptr())  # before the buffer is freed
+    return buf
+
+
 class HostPool:
     def __init__(self, capacity: int, pinned: bool):
         self.capacity = capacity
-        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
+        self.buffer = host_buffer(self, capacity, pinned)
+        self.pinned_bytes = capacity if pinned else 0
         self._free = [(0, capacity)] if capacity else []  # (offset, size), sorted, coalesced
         self.used = 0
         self._lock = threading.Lock()
@@ -73,7 +89,7 @@ class DiskTier:
 
     def _stage(self) -> torch.Tensor:
         if self._staging is None:
-            self._staging = torch.empty(STAGING, dtype=torch.uint8, pin_memory=self._pinned)
+            self._staging = host_buffer(self, STAGING, self._pinned)
         return self._staging
 
     def write(self, name: str, parts: list[torch.Tensor], total: int) -> Path:
