@@ -8,6 +8,11 @@ Two locks. `lock` serialises swaps and is held through their copies. `acct` guar
 (charges, pins, where a session's state is) and is only ever held for a moment, so a forward of a
 resident session (pin, reserve what fits, release, unpin) never waits behind another's swap. A
 swap-out commits under `acct`, and drops its copy if a forward pinned the session meanwhile.
+
+On CUDA the copies run on a stream of their own. A swap-out's copy waits for the session's own
+work (an event recorded whenever it is unpinned), not for every session's compute; a swap-in's
+copy waits for the default stream *after* its storage is allocated, since the caching allocator
+may hand back a block that kernels queued there still use.
 """
 
 import threading
@@ -30,11 +35,12 @@ def coldness(s) -> tuple:
 
 class MemoryManager:
     def __init__(self, device: torch.device, budget: int, weights_bytes: int, host_pool: int, spill_dir, bus,
-                 capacity: int = 0):
+                 capacity: int = 0, overhead: int = 0):
         self.device = device
         self.budget = budget
         self.capacity = capacity
         self.weights_bytes = weights_bytes
+        self.overhead = overhead  # device bytes held outside sessions and weights (cuBLAS workspaces)
         self.cuda = device.type == "cuda"
         self.host = HostPool(host_pool, pinned=self.cuda)
         self.disk = DiskTier(spill_dir, pinned=self.cuda)
@@ -52,16 +58,30 @@ class MemoryManager:
 
     # -- accounting ---------------------------------------------------------------------------
     @property
+    def fixed(self) -> int:
+        """What the device holds whatever the sessions: the weights and the cuBLAS workspaces."""
+        return self.weights_bytes + self.overhead
+
+    @property
     def used(self) -> int:
-        return self.weights_bytes + sum(s.charge for s in list(self.sessions.values()))
+        return self.fixed + sum(s.charge for s in list(self.sessions.values()))
 
     # Figures are read without the lock, which a swap holds through its copy: status and the
     # sampler must answer at once. Each read is a consistent value; together they are a snapshot.
     def figures(self) -> dict:
         return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
-                "weights_bytes": self.weights_bytes, "host_bytes": self.host.used,
-                "host_capacity_bytes": self.host.capacity, "disk_bytes": self.disk.used,
-                "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled}
+                "weights_bytes": self.weights_bytes, "overhead_bytes": self.overhead, "host_bytes": self.host.used,
+                "host_capacity_bytes": self.host.capacity, "host_pinned_bytes": self.host.pinned_bytes,
+                "disk_bytes": self.disk.used, "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled,
+                **self.device_figures()}
+
+    def device_figures(self) -> dict:
+        """What the CUDA allocator itself reports, beside the books (nothing on the CPU)."""
+        if not self.cuda:
+            return {}
+        return {"allocated_bytes": torch.cuda.memory_allocated(self.device),
+                "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                "reserved_bytes": torch.cuda.memory_reserved(self.device)}
 
     def swap_figures(self) -> dict:
         out = dict(self.counters)
@@ -89,13 +109,15 @@ class MemoryManager:
         self.changed.notify_all()
 
     def reset_peak(self) -> None:
-        """Start the peak over from now (a scenario run measures its own)."""
+        """Start the peak over from now, the allocator's too (a scenario run measures its own)."""
         self.peak = self.used
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def set_budget(self, budget: int) -> None:
         with self.lock:
-            if budget <= self.weights_bytes:
-                raise DjinnError("bad_params", f"budget {budget} B does not even hold the weights ({self.weights_bytes} B)")
+            if budget <= self.fixed:
+                raise DjinnError("bad_params", f"budget {budget} B does not even hold the weights and workspaces ({self.fixed} B)")
             self.budget = budget
             self._make_room(0, None)  # lowering it swaps out what no longer fits
 
@@ -116,7 +138,13 @@ class MemoryManager:
             return True
 
     def unpin(self, s, release: int = 0) -> None:
-        """Let `s` be swapped out again, giving back `release` bytes of its charge with the pin."""
+        """Let `s` be swapped out again, giving back `release` bytes of its charge with the pin.
+
+        On CUDA an event marks the end of what was queued for it: a swap-out's copy waits on that."""
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            s.device_done = done
         with self.acct:
             s.pins -= 1
             s.charge = max(0, s.charge - release)
@@ -133,9 +161,9 @@ class MemoryManager:
         deadline = time.monotonic() + timeout
         while True:
             with self.acct:
-                if self.weights_bytes + s.charge + nbytes > self.budget:
+                if self.fixed + s.charge + nbytes > self.budget:
                     raise DjinnError("out_of_budget", f"session {s.id} needs {s.charge + nbytes} B on the device; "
-                                     f"the budget leaves {self.budget - self.weights_bytes} B beside the weights")
+                                     f"the budget leaves {self.budget - self.fixed} B beside the weights")
                 if self._charge_if_fits(s, nbytes):
                     return
             if not make_room:
@@ -161,6 +189,18 @@ class MemoryManager:
         s.charge += nbytes
         self.peak = max(self.peak, self.used)
         return True
+
+    def reserve_overhead(self, nbytes: int, make_room: bool = True) -> None:
+        """Charge `nbytes` that the device will hold outside any session (a new compute thread's
+        cuBLAS workspace), swapping sessions out first if they do not fit and `make_room`."""
+        if make_room:
+            with self.lock:
+                self._make_room(nbytes, None)
+        with self.acct:
+            if self.used + nbytes > self.budget:
+                raise DjinnError("out_of_budget", f"no room for {nbytes} B of a new compute thread's workspace")
+            self.overhead += nbytes
+            self.peak = max(self.peak, self.used)
 
     def release(self, s, nbytes: int) -> None:
         with self.acct:
@@ -201,6 +241,7 @@ class MemoryManager:
             storages = _unique_storages(s.swappable_tensors())
             sizes = [st.nbytes() for st in storages]
             total = sum(sizes)
+            self._fence(s.device_done)  # what was queued for it is written first
             t0 = self._timer()
             stored = None
             try:
@@ -210,6 +251,7 @@ class MemoryManager:
                     stored = Stored("disk", sizes, s.charge)
                     stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}", [u8(st) for st in storages], total)
             except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
+                self._sync()  # a copy queued before the failure may still read the storage
                 self.count("failures")
                 self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
                 raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
@@ -245,6 +287,7 @@ class MemoryManager:
                     dst[pos:pos + n].copy_(u8(st), non_blocking=True)
                     pos += n
         except BaseException:
+            self._sync()  # no copy may still write the range once another swap has it
             self.host.release(off, total)
             raise
         return Stored("host", sizes, charge, offset=off)
@@ -284,10 +327,12 @@ class MemoryManager:
                 self.release(s, need)
                 return
             storages = _unique_storages(s.swappable_tensors())
-            t0 = self._timer()
             try:
                 for st, n in zip(storages, stored.sizes):
                     st.resize_(n)
+                # after the allocation: the blocks may have been freed by kernels still queued there
+                self._fence(None)
+                t0 = self._timer()
                 if stored.tier == "host":
                     src = self.host.view(stored.offset, stored.nbytes)
                     with self._on_copy_stream():
@@ -298,6 +343,7 @@ class MemoryManager:
                 else:
                     self.disk.read(stored.path, [u8(st) for st in storages])
             except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
+                self._sync()  # a copy queued before the failure may still write the storage
                 for st in storages:
                     st.resize_(0)
                 self.release(s, need)
@@ -339,13 +385,25 @@ class MemoryManager:
     def _on_copy_stream(self):
         return torch.cuda.stream(self._stream) if self.cuda else _Null()
 
+    def _fence(self, event) -> None:
+        """Make the copy stream wait for `event`, or with None for all work queued on the default stream."""
+        if not self.cuda:
+            return
+        if event is None:
+            self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        else:
+            self._stream.wait_event(event)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            self._stream.synchronize()
+
     def _timer(self):
-        """Start a timing: wall clock always; on a GPU the copy stream first waits for queued compute,
-        then a CUDA event marks the start, so the figure is the copy alone."""
+        """Start a timing: wall clock always; on a GPU a CUDA event on the copy stream (after its
+        fence) marks the start, so the figure is the copy alone."""
         ev = None
         if self.cuda:
-            self._stream.wait_stream(torch.cuda.default_stream(self.device))
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = torch.cuda.Event(enable_timing=True, blocking=True)
             ev.record(self._stream)
         return time.perf_counter(), ev
 
@@ -354,7 +412,7 @@ class MemoryManager:
         the wall clock everything else (disk I/O, and all of it on the CPU)."""
         wall, ev = t0
         if ev is not None:
-            end = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True, blocking=True)  # the host sleeps, not spins, on it
             end.record(self._stream)
             end.synchronize()
             if tier == "host":

@@ -34,6 +34,7 @@ class Session:
         self.forward_pinned = False
         self.long_segment = False  # the running forward is a prefill (see DeviceLock.hand_over)
         self.stored = None
+        self.device_done = None  # CUDA: an event after the last work queued for it, set at unpin
         self.swaps = 0
         self.last_swap_ms: float | None = None
         self.last_used = time.monotonic()
