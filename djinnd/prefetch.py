@@ -183,7 +183,7 @@ class Prefetcher:
     def pressure(self) -> bool:  # holding mem.lock
         """The sessions' part of the budget (beside the weights) is fuller than the high-water mark."""
         mem = self.mem
-        return mem.used - mem.weights_bytes > self.high_water * (mem.budget - mem.weights_bytes)
+        return mem.used - mem.fixed > self.high_water * (mem.budget - mem.fixed)
 
     def lead_ms(self, nbytes: int, expected_ms: float = 0) -> float:  # holding mem.lock
         """How long before the expected wake-up to start the prefetch (see the module docstring)."""

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from . import devicecosts
 from .kvcache import GRANULE, round_up
 from .memory import MemoryManager
 from .prefetch import Prefetcher
@@ -34,11 +35,18 @@ def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
 
 class Runtime:
     def __init__(self, lm, bus, budget: int, host_pool: int, spill_dir, capacity: int = 0,
-                 device_lock: DeviceLock | None = None):
+                 device_lock: DeviceLock | None = None, costs: devicecosts.DeviceCosts | None = None):
         self.lm, self.bus = lm, bus
         if budget <= lm.weights_bytes:
             raise ValueError(f"the budget ({budget} B) does not even hold the weights ({lm.weights_bytes} B)")
-        self.mem = MemoryManager(lm.device, budget, lm.weights_bytes, host_pool, spill_dir, bus, capacity)
+        self.costs = costs or devicecosts.measure(lm)  # CUDA: temporaries and workspaces, charged too
+        overhead = self.costs.thread_bytes * self.costs.handles
+        if budget <= lm.weights_bytes + overhead:
+            raise ValueError(f"the budget ({budget} B) does not hold the weights and cuBLAS workspaces "
+                             f"({lm.weights_bytes + overhead} B)")
+        self.mem = MemoryManager(lm.device, budget, lm.weights_bytes, host_pool, spill_dir, bus, capacity, overhead)
+        self._compute_threads = {self.costs.owner} - {None}  # alive ones hold a workspace each
+        self._workspaces = self.costs.handles
         self.device_lock = device_lock or DeviceLock()
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -62,9 +70,9 @@ class Runtime:
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.lm.vocab_size for t in token_ids)):
             raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
         first = round_up(len(token_ids) + GRANULE) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
-        if self.lm.weights_bytes + first > self.mem.budget:
+        if self.mem.fixed + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
-                             f"the budget leaves {self.mem.budget - self.lm.weights_bytes} B beside the weights")
+                             f"the budget leaves {self.mem.budget - self.mem.fixed} B beside the weights")
         with self._lock:
             s = Session(next(self._ids), token_ids, qos, self.lm)
             self.sessions[s.id] = s
@@ -135,9 +143,9 @@ class Runtime:
         s = self.sessions.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
         if s is None or not self._steppable(s):
             return None
-        act = self._act_bytes(1)
-        if not self.mem.pin_resident(s, act):  # from here no swap-out can take it, and its activations have room
-            return None
+        act = self._forward_bytes(1)
+        if not self._take_thread(make_room=False) or not self.mem.pin_resident(s, act):
+            return None  # (from here no swap-out can take it, and its activations have room)
         try:
             if not s.op_lock.acquire(blocking=False):
                 return None
@@ -286,6 +294,7 @@ class Runtime:
         (`charged`: step_now has pinned it resident, with room for both)."""
         self.prefetch.computing(s)
         if not charged:
+            self._take_thread()
             self._pin_forward(s)
             self.mem.swap_in(s, reason="demand")
             cache = s.cache
@@ -299,14 +308,43 @@ class Runtime:
                     self.mem.release(s, new)
                     raise
                 self.mem.release(s, old)
-            act = self._act_bytes(new_tokens)
+            act = self._forward_bytes(new_tokens)
             self.mem.reserve(s, act)
             s.act_charge = act
         s.last_used = time.monotonic()
 
     def _act_bytes(self, tokens: int) -> int:
-        """What a forward over `tokens` new tokens holds beside its KV: embeddings, layer input, layer output."""
+        """What a forward over `tokens` new tokens holds at a pause: embeddings, layer input, layer output."""
         return 3 * tokens * self.lm.hidden_size * self.lm.dtype.itemsize
+
+    def _forward_bytes(self, tokens: int) -> int:
+        """What it holds beside its KV while it computes: on CUDA also the temporaries measured at load."""
+        return max(self._act_bytes(tokens), self.costs.work_bytes(tokens))
+
+    def _take_thread(self, make_room: bool = True) -> bool:
+        """Charge a cuBLAS workspace when this thread's forward makes more compute threads alive at once
+        than torch holds workspaces for (it keeps them after a thread ends, for the next). False when
+        one is needed, does not fit and `make_room` is off."""
+        if not self.costs.thread_bytes:
+            return True
+        me = threading.current_thread()
+        with self._lock:
+            if me in self._compute_threads:
+                return True
+            live = {t for t in self._compute_threads if t.is_alive()}
+            if len(live) < self._workspaces:
+                self._compute_threads = live | {me}
+                return True
+        try:
+            self.mem.reserve_overhead(self.costs.thread_bytes, make_room)
+        except DjinnError:
+            if not make_room:
+                return False
+            raise
+        with self._lock:
+            self._workspaces += 1
+            self._compute_threads.add(me)
+        return True
 
     def _pin_forward(self, s: Session) -> None:
         self.mem.pin(s)
@@ -367,6 +405,9 @@ class Runtime:
         with s.cond:
             s.state, s.layer, s.last_used = "paused", index, time.monotonic()
             s.cond.notify_all()
+        temps = s.act_charge - self._act_bytes(len(s.pending))  # the layers' temporaries are gone while paused
+        self.mem.release(s, temps)
+        s.act_charge -= temps
         self._unpin_forward(s)
         self.device_lock.release()
         self._event(s, "paused", layer=index)
@@ -379,6 +420,8 @@ class Runtime:
                 self.device_lock.acquire(s.qos)
                 self._pin_forward(s)
                 self.mem.swap_in(s, reason="resume")
+                self.mem.reserve(s, temps)
+                s.act_charge += temps
                 break
             except DjinnError as e:  # stays paused, intact; the resume caller gets the error
                 self._unpin_forward(s)

@@ -17,6 +17,13 @@ from djinnd.client import Client, DjinnError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def raw_bytes(tensors) -> list:
+    """A copy of each tensor's whole storage as bytes: a swap must return these exactly (comparing
+    values would let NaN != NaN fail and -0 == +0 pass)."""
+    from djinnd.swappool import u8
+    return [u8(t.untyped_storage()).clone() for t in tensors]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def djinn_cache(tmp_path_factory):
     """One model cache for the whole run, so tiny-llama is built once."""

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import tempfile
+import threading
 
 import psutil
 import pytest
@@ -14,6 +15,8 @@ from djinnd.client import DjinnError
 from djinnd.models import load_model
 from djinnd.runtime import Runtime
 from djinnd.telemetry import EventBus
+
+from conftest import raw_bytes
 
 PROMPT = "The capital of France is"
 
@@ -53,8 +56,8 @@ def make_rt(lm):
 
 
 def snapshot(s):
-    """Copies of every tensor a session holds (slab and paused activations)."""
-    return [t.clone() for t in s.swappable_tensors()]
+    """The bytes of every tensor a session holds (slab and paused activations)."""
+    return raw_bytes(s.swappable_tensors())
 
 
 def test_swapped_100_times_across_host_and_disk_is_bit_exact(make_rt):
@@ -320,3 +323,54 @@ def test_a_prefetch_does_not_evict_a_session_prefetched_for_an_earlier_wake_up(m
     time.sleep(max(0, t0 + 1.3 - time.monotonic()))
     assert b.location == "device" and a.location == "device"  # b's prefetch took `stays`, not a
     assert stays.location == "host"
+
+
+def test_fitted_temporaries_lie_over_every_probe_and_grow_with_the_square_when_attention_does():
+    from djinnd.devicecosts import PROBE_TOKENS, DeviceCosts, _fit
+    for peak in (lambda t: 4096 + 300 * t, lambda t: 4096 + 300 * t + t * t // 2, lambda t: 4096 + 300 * t - 900 * (t == 256)):
+        costs = DeviceCosts(_fit([peak(t) for t in PROBE_TOKENS]))
+        assert all(costs.work_bytes(t) >= peak(t) for t in PROBE_TOKENS)
+        assert costs.work_bytes(2048) >= peak(2048)
+    assert DeviceCosts().work_bytes(2048) == 0  # the CPU: the budget counts what sessions hold
+
+
+def test_a_forward_is_charged_its_temporaries_while_it_computes_and_not_while_paused(lm):
+    from djinnd.devicecosts import DeviceCosts
+    work = DeviceCosts(work=(1 << 20, 4096, 0))  # as measured on a GPU; the CPU's are zero
+    rt = Runtime(lm, EventBus(), lm.weights_bytes + (64 << 20), 32 << 20, tempfile.mkdtemp(), costs=work)
+    try:
+        s = rt.create(prompt=PROMPT)
+        n = len(s.pending)
+        held = rt._act_bytes(n)
+        rt.mem.reset_peak()
+        rt.run_to(s.id, [2, 5])
+        assert s.charge == s.cache.nbytes + held  # paused: its held activations only
+        assert rt.mem.peak == lm.weights_bytes + s.cache.nbytes + work.work_bytes(n)  # computing: the temporaries
+        rt.mem.swap_out(s)
+        rt.mem.reset_peak()
+        rt.resume(s.id)  # swapped in, charged its temporaries again, paused at 5
+        assert rt.mem.peak == lm.weights_bytes + s.cache.nbytes + work.work_bytes(n)
+        assert s.layer == 5 and s.charge == s.cache.nbytes + held
+        rt.resume(s.id)
+        assert s.state == "idle" and s.charge == s.cache.nbytes and rt.mem.used == lm.weights_bytes + s.charge
+    finally:
+        rt.shutdown()
+
+
+def test_each_compute_thread_alive_at_once_beyond_torchs_is_charged_a_workspace(lm):
+    from djinnd.devicecosts import DeviceCosts
+    ws = 1 << 20
+    costs = DeviceCosts(thread_bytes=ws, handles=2, owner=threading.current_thread())  # as after measuring
+    rt = Runtime(lm, EventBus(), lm.weights_bytes + (64 << 20), 32 << 20, tempfile.mkdtemp(), costs=costs)
+    try:
+        assert rt.mem.used == lm.weights_bytes + 2 * ws
+        paused = [rt.create(prompt=PROMPT) for _ in range(3)]
+        for s in paused:
+            rt.run_to(s.id, [2])  # a thread each, alive while paused: this one, 3 paused, torch had 2
+        assert rt.mem.overhead == 4 * ws
+        for s in paused:
+            rt.close(s.id)
+        rt.run_to(rt.create(prompt=PROMPT).id, [2])  # their threads ended: torch hands their workspaces on
+        assert rt.mem.overhead == 4 * ws and rt.mem.figures()["overhead_bytes"] == 4 * ws
+    finally:
+        rt.shutdown()
