@@ -170,10 +170,19 @@ class Sampler:
         self._thread.start()
 
     def _nvml_handle(self):
+        """The NVML handle of our device, found by UUID: NVML's indices ignore CUDA_VISIBLE_DEVICES
+        and follow the PCI bus, where CUDA's may not."""
         try:
             import pynvml
+            import torch
             pynvml.nvmlInit()
-            return pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+            want = str(torch.cuda.get_device_properties(self.device).uuid)
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                uuid = pynvml.nvmlDeviceGetUUID(handle)
+                if want in (uuid.decode() if isinstance(uuid, bytes) else uuid):  # NVML's reads GPU-<uuid>
+                    return handle
+            raise LookupError(f"no NVML device has UUID {want}")
         except Exception as e:  # reported once, never fatal
             self.bus.emit("error", where="nvml", message=f"NVML unavailable, device memory from the allocator only: {e}")
             return None
