@@ -106,4 +106,9 @@ def main():
     # Transparent huge pages for large CPU tensors (set before torch allocates): a swap-in then
     # faults in 2 MiB pages, not 4 KiB ones, several times faster.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Expandable segments on CUDA (set before CUDA starts): slabs that grow leave no stranded blocks,
+    # so what the allocator reserves stays close to what the books charge.
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments" not in conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
     app(prog_name="djinnd")

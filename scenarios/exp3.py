@@ -136,11 +136,13 @@ def run(ctx, p: dict):
     tops = [x for x in (vs["max_bytes"], max((e["used_bytes"] for e in progression), default=None)) if x is not None]
     peak = max(tops) if tops else None
     vs["max_bytes"] = peak
+    device_peak = vs["allocator_peak_bytes"]  # on CUDA the device's own figure must keep under it too
     criteria = [
         _crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
               completed == n),
-        _crit(ctx, "peak_under_budget", f"peak {_fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})",
-              peak is not None and peak <= budget),
+        _crit(ctx, "peak_under_budget", f"peak {_fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})"
+              + (f"; the CUDA allocator's peak {_fmt(device_peak)}" if device_peak is not None else ""),
+              peak is not None and peak <= budget and (device_peak is None or device_peak <= budget)),
         _crit(ctx, "swapping_when_needed",
               f"{m['swap']['swap_outs']} swap-outs, {m['swap']['swap_ins']} swap-ins; the math "
               + ("says it must swap from session " + str(math["swap_from_session"]) if math["expected_swapping"]

@@ -171,11 +171,12 @@ class Context:
             self.recorder.wait_for(seq)
         samples = self.log.of_type("vram", since_ns=self._t0_ns)
         used = [e["used_bytes"] for e in samples if local == (e.get("origin") == "scenario")]
-        peak, source = None, "samples"
+        peak, device_peak, source = None, None, "samples"
         swap = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0}
         if not local and self.client is not None and self._status0 is not None:
             st = self.client.status()
             peak, source = st["memory"]["peak_device_bytes"], "the daemon's peak counter over the run, and samples"
+            device_peak = st["memory"].get("max_allocated_bytes")  # CUDA: the allocator's own peak
             swap = {k: st["swap"][k] - self._status0["swap"][k] for k in swap}
         swaps = [] if local else self.log.of_type("swap_out", "swap_in", since_ns=self._t0_ns)
         ms = [e["ms"] for e in swaps]
@@ -187,7 +188,8 @@ class Context:
         tops = used + ([peak] if peak is not None else [])
         stats = {"min_bytes": min(used) if used else None, "max_bytes": max(tops) if tops else None,
                  "avg_bytes": round(statistics.fmean(used)) if used else None, "budget_bytes": self.budget,
-                 "samples": len(used), "peak_device_bytes": peak, "max_source": source}
+                 "samples": len(used), "peak_device_bytes": peak, "max_source": source,
+                 "allocator_peak_bytes": device_peak}
         return {"vram_stats": stats, "swap": swap, "swapping_active": swap["swap_outs"] > 0}
 
 
