@@ -111,7 +111,7 @@ gpu_procs() { nvidia-smi --query-compute-apps=pid,process_name,used_memory --for
 log "gpu_validate: steps ${STEPS[*]}, time budget ${BUDGET}s, exp3 budget $EXP3_BUDGET, OUT=$OUT, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 step env 30 env_info
 step wheels 90 wheels
-step tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
+step tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
 step swap 120 "$PY" bench/swap.py --device cuda --disk --json "$OUT/swap.json"
 step exp3 270 "$PY" -m djinnd.cli scenario run exp3 --headless --set budget="$EXP3_BUDGET" --output "$RUNS/exp3"
 wanted baseline && gpu_procs | tee -a "$OUT/validate.log"  # memory a leftover daemon would still hold

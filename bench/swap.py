@@ -1,8 +1,8 @@
 """Swap-out and swap-in throughput of djinnd's MemoryManager against the physical limit.
 
-For each session size (1 MiB to 2 GiB, those that fit) a stand-in session holding one slab on the
-device, like a session's KV slab, is swapped out and in through the real
-`djinnd.memory.MemoryManager` several times; the median is compared with the physical limit
+For each session size (1 MiB to 2 GiB, those that fit) a real session of tiny-llama whose KV slab
+is grown to that size is swapped out and in through the real `djinnd.memory.MemoryManager` several
+times; the median is compared with the physical limit
 measured in the same run on the same bytes (the host pool's buffer and the slab):
 
 * CUDA: a pinned host <-> device `copy_(non_blocking=True)` on a side stream, timed with CUDA events;
@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import load_line, machine_line  # noqa: E402
 from djinnd.memory import MemoryManager  # noqa: E402
+from djinnd.models import load_model  # noqa: E402
+from djinnd.session import Session  # noqa: E402
 from djinnd.swappool import u8  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -50,21 +52,12 @@ class Bus:
             self.last = fields
 
 
-class BenchSession:
-    """The attributes MemoryManager reads of a session, holding one device slab."""
-
-    def __init__(self, sid: int, slab: torch.Tensor):
-        self.id, self.slab = sid, slab
-        self.charge = slab.nbytes
-        self.pins = 0
-        self.state, self.phase, self.qos = "paused", "COMPUTE", "interactive"
-        self.last_used = time.monotonic()
-        self.stored = None
-        self.swaps = 0
-        self.last_swap_ms = 0.0
-
-    def swappable_tensors(self):
-        return [self.slab]
+def paused_session(lm, sid: int, size: int) -> Session:
+    """A real session, paused, whose KV slab is `size` bytes on the model's device."""
+    s = Session(sid, [0], "interactive", lm)
+    s.cache.grow(size // s.cache.bytes_per_token)
+    s.state, s.charge = "paused", s.cache.nbytes
+    return s
 
 
 def label(n: int) -> str:
@@ -158,7 +151,7 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def bench_size(mgr: MemoryManager, bus: Bus, size: int, sid: int, reps: int, limit: RawCopy | None) -> dict:
+def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int, limit: RawCopy | None) -> dict:
     """Median figures of `reps` swap-out/swap-in round trips of one `size`-byte slab (after one warm-up).
 
     With `limit`, the raw copy of the same bytes is timed in each repetition too, interleaved.
@@ -166,17 +159,17 @@ def bench_size(mgr: MemoryManager, bus: Bus, size: int, sid: int, reps: int, lim
     dev = mgr.device
     gen = torch.Generator(device=dev).manual_seed(sid)
     block = torch.randint(0, 256, (CHUNK,), dtype=torch.uint8, device=dev, generator=gen)
-    slab = torch.empty(size, dtype=torch.uint8, device=dev)
+    s = paused_session(lm, sid, size)
+    slab = u8(s.cache.slab.untyped_storage())
     fill(slab, block)
     if mgr.cuda:
         torch.cuda.synchronize(dev)
-    s = BenchSession(sid, slab)
     mgr.register(s)
     rec = {k: [] for k in ("out", "in", "mgr_out", "mgr_in", "limit_out", "limit_in", "fresh_in")}
     try:
         for rep in range(reps + 1):
             if limit is not None:
-                host, dst = mgr.host.view(0, size), u8(slab.untyped_storage())  # the bytes the pool uses
+                host, dst = mgr.host.view(0, size), slab  # the bytes the pool uses
                 lo, li = limit(host, dst), limit(dst, host)
                 fi = None if mgr.cuda else fresh_copy_ms(host)
             out = timed(lambda: mgr.swap_out(s, reason="bench"))
@@ -203,7 +196,8 @@ def bench_size(mgr: MemoryManager, bus: Bus, size: int, sid: int, reps: int, lim
         ok = intact(slab, block)
     finally:
         mgr.unregister(s)
-        del slab, s
+        s.cache.release()
+        del slab  # the storage goes with its last view
     med = {k: statistics.median(v) for k, v in rec.items() if v}
     row = {"size": size, "label": label(size), "reps": reps, "intact": ok}
     for k, ms in med.items():
@@ -279,6 +273,10 @@ def main(argv=None) -> int:
     if not fit:
         print("no size fits", file=sys.stderr)
         return 2
+    lm = load_model("tiny-llama", device)
+    if any(s % lm.kv_bytes_per_token for s in fit):
+        print(f"sizes must be whole multiples of tiny-llama's {lm.kv_bytes_per_token} B of KV a token", file=sys.stderr)
+        return 2
     spill = Path(tempfile.mkdtemp(prefix="djswap", dir=args.spill_dir or "/tmp"))
     result = {"machine": machine_line(), "load_before": load_line(), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -293,7 +291,7 @@ def main(argv=None) -> int:
         limit = RawCopy(device)
         for i, size in enumerate(fit):
             reps = args.reps if size >= GOAL_FROM else 3 * args.reps  # small copies are cheap and noisy
-            result["host"].append(bench_size(mgr, bus, size, i + 1, reps, limit))
+            result["host"].append(bench_size(mgr, bus, lm, size, i + 1, reps, limit))
         del mgr
         print_table(result["host"], device.type == "cuda")
         result["verdict"] = verdict(result["host"])
@@ -308,7 +306,7 @@ def main(argv=None) -> int:
             dmgr = make_manager(device, 0, spill, bus)
             reps = max(3, args.reps // 3)
             for i, size in enumerate(disk_sizes):
-                result["disk"].append(bench_size(dmgr, bus, size, 100 + i, reps, None))
+                result["disk"].append(bench_size(dmgr, bus, lm, size, 100 + i, reps, None))
             print(f"\ndisk tier (host pool 0; files in {spill}, no fsync: writes land in the page cache), "
                   f"median of {reps}, wall clock")
             print(f"{'size':>8} {'out GB/s':>9} {'in GB/s':>8} {'out ms':>9} {'in ms':>9}  ok")
