@@ -242,39 +242,17 @@ class Runtime:
         session for `_wait`.
         """
         inline = not s.breakpoints
-        running = _running.set(s)
         start_len = s.cache.seq_len
-        s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
-        hooked = not inline or s.long_segment  # it may pause, hand over or be closed between layers
-        if hooked:
-            self._use_hooks()
+        token = None
         try:
-            waking, s.waking = s.waking, False
-            if not holding:  # a decode step goes before a prefill, and a waking one before the others
-                self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
-            self._enter(s, len(s.pending), charged=holding)
-            with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
-                token = int(self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache).argmax())
-            s.generated.append(token)
-            s.pending = [token]
-            outcome, s.token = None, token
+            token = self._compute(s, holding)
+            outcome = None
         except Aborted:
             outcome = DjinnError("bad_state", f"session {s.id} was closed")
-        except Exception as e:  # noqa: BLE001 - reported to the caller, the session stays usable
+        except Exception as e:  # noqa: BLE001 - any failure answers the caller; the session stays usable
             for layer in s.cache.layers:
                 layer.length = start_len
             outcome = e
-        finally:
-            s.embeds, s.held, s.hidden = None, [], None
-            self.mem.release(s, s.act_charge)
-            s.act_charge = 0
-            if s.forward_pinned:
-                self._unpin_forward(s)
-            if self.device_lock.held_by_me():
-                self.device_lock.release()
-            if hooked:
-                self._drop_hooks()
-            _running.reset(running)
         with s.cond:
             s.state, s.layer, s.last_used = "idle", None, time.monotonic()
             s.resume_requested = False
@@ -288,6 +266,37 @@ class Runtime:
         if outcome is None:  # a white-box forward's end; plain decode steps stay quiet
             self._event(s, "finished", token=token)
         return None
+
+    def _compute(self, s: Session, holding: bool) -> int:
+        """The forward itself; whatever it took (device, pins, charges, hooks) is given back however it ends."""
+        running = _running.set(s)
+        s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
+        hooked = False
+        try:
+            if s.breakpoints or s.long_segment:  # it may pause, hand over or be closed between layers
+                self._use_hooks()
+                hooked = True
+            waking, s.waking = s.waking, False
+            if not holding:  # a decode step goes before a prefill, and a waking one before the others
+                self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
+            self._enter(s, len(s.pending), charged=holding)
+            with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
+                token = int(self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache).argmax())
+            s.generated.append(token)
+            s.pending = [token]
+            s.token = token
+            return token
+        finally:
+            s.embeds, s.held, s.hidden = None, [], None
+            self.mem.release(s, s.act_charge)
+            s.act_charge = 0
+            if s.forward_pinned:
+                self._unpin_forward(s)
+            if self.device_lock.held_by_me():
+                self.device_lock.release()
+            if hooked:
+                self._drop_hooks()
+            _running.reset(running)
 
     def _enter(self, s: Session, new_tokens: int, charged: bool = False) -> None:
         """Make `s` resident and charge it for this forward's KV growth and activations, before allocating
@@ -361,9 +370,16 @@ class Runtime:
         without them while no such forward is open; one that starts with them on just passes them."""
         with self._lock:
             if not self._hook_users:
-                self._hooks = [layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True)
-                               for i, layer in enumerate(self.lm.decoder_layers())]
-                self._hooks.append(self.lm.embed().register_forward_hook(self._embed_hook))
+                hooks = []
+                try:
+                    for i, layer in enumerate(self.lm.decoder_layers()):
+                        hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
+                    hooks.append(self.lm.embed().register_forward_hook(self._embed_hook))
+                except BaseException:  # none or all of them
+                    for h in hooks:
+                        h.remove()
+                    raise
+                self._hooks = hooks
             self._hook_users += 1
 
     def _drop_hooks(self) -> None:
@@ -402,15 +418,15 @@ class Runtime:
 
     def _pause(self, s: Session, index: int) -> None:
         """Give up the device and wait for resume (or close); come back resident, holding the device."""
-        with s.cond:
-            s.state, s.layer, s.last_used = "paused", index, time.monotonic()
-            s.cond.notify_all()
         temps = s.act_charge - self._act_bytes(len(s.pending))  # the layers' temporaries are gone while paused
         self.mem.release(s, temps)
         s.act_charge -= temps
         self._unpin_forward(s)
         self.device_lock.release()
-        self._event(s, "paused", layer=index)
+        self._event(s, "paused", layer=index, state="paused")
+        with s.cond:  # last: a failure before this answers the caller as the forward's error
+            s.state, s.layer, s.last_used = "paused", index, time.monotonic()
+            s.cond.notify_all()
         while True:
             with s.cond:
                 s.cond.wait_for(lambda: s.resume_requested or s.abort_requested)

@@ -467,3 +467,49 @@ def test_the_first_step_after_io_wait_goes_before_an_older_decode_step_and_only_
     assert queue_both([]) == [a.id, b.id]  # b's next step is an ordinary one again
     assert queue_both(["IO_WAIT"]) == [b.id, a.id]  # no COMPUTE: the step itself ends the wait
     assert rt.device_lock.figures()["wake_jumps"] == 2
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _raise(*_a, **_k):
+    raise Injected("injected failure")
+
+
+@pytest.mark.parametrize("stage", ["before_hooks", "in_a_layer", "at_the_pause", "at_resume", "final_step"])
+def test_a_failure_anywhere_in_a_forward_answers_its_caller_and_wedges_nothing(rt, lm, stage):
+    """Whatever fails inside a forward's thread, the waiting request gets an error naming it, the
+    session stays usable and shutdown finishes (a failure before the hooks once hung all three)."""
+    ref = reference(rt)
+    s = rt.create(prompt=PROMPT)
+    undo = []
+    if stage == "before_hooks":  # as a model whose layers the runtime cannot find
+        rt.lm.decoder_layers = _raise
+        undo.append(lambda: delattr(rt.lm, "decoder_layers"))
+    elif stage == "in_a_layer":  # before the breakpoint at 2
+        undo.append(lm.decoder_layers()[1].register_forward_pre_hook(_raise).remove)
+    elif stage == "at_the_pause":
+        rt._event = lambda s_, action, **kw: _raise() if action == "paused" else None
+        undo.append(lambda: delattr(rt, "_event"))
+    elif stage == "at_resume":
+        rt.run_to(s.id, [2])
+        undo.append(lm.decoder_layers()[3].register_forward_pre_hook(_raise).remove)
+    else:  # the output head, in a forward without breakpoints, on the caller's thread
+        undo.append(lm.model.get_output_embeddings().register_forward_hook(_raise).remove)
+    call = {"at_resume": lambda: rt.resume(s.id), "final_step": lambda: rt.generate(s.id, 1)}.get(
+        stage, lambda: rt.run_to(s.id, [2]))
+    try:
+        with pytest.raises(DjinnError) as e:
+            call()
+    finally:
+        for u in undo:
+            u()
+    assert e.value.code == "internal" and "injected failure" in str(e.value)
+    assert s.state == "idle" and s.cache.seq_len == 0 and s.pins == 0 and s.charge == s.cache.nbytes
+    assert not rt.device_lock.held_by_me() and rt._hook_users == 0
+    assert rt.generate(s.id, GEN) == ref  # usable: the failed forward left nothing behind
+    done = threading.Thread(target=rt.shutdown)
+    done.start()
+    done.join(60)  # a wedged session made close wait 120 s, then hang on its thread
+    assert not done.is_alive()
