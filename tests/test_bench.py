@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -16,3 +18,21 @@ def test_swap_bench_round_trips_real_sessions_intact_on_both_tiers(tmp_path):
     out = run_bench("bench/swap.py", "--sizes", "1,4", "--reps", "1", "--disk", "--json", str(tmp_path / "swap.json"))
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 MiB", "4 MiB"))]
     assert len(rows) == 4 and all(r[-1] == "yes" for r in rows), out  # host and disk tier, each size intact
+
+
+def test_rpc_bench_measures_the_ping_against_a_bare_zmq_echo():
+    out = run_bench("bench/rpc.py", "-n", "200", "--warmup", "20", "--threads", "2")
+    assert "ping p50 / bare zmq echo p50:" in out and "2 client threads" in out, out
+
+
+def test_step_bench_times_each_way_of_taking_a_decode_step():
+    out = run_bench("bench/step.py", "--tokens", "4", "--runs", "2")
+    ways = [line for line in out.splitlines() if "us a token" in line]
+    assert len(ways) == 3, out
+
+
+@pytest.mark.slow
+def test_transport_bench_serves_the_same_tokens_every_way():
+    out = run_bench("bench/transport.py", "--tokens", "4", "--runs", "1")
+    ways = [line for line in out.splitlines() if "us a token" in line]
+    assert len(ways) == 6 and all("tokens equal" in w for w in ways[1:]), out
