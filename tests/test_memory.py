@@ -224,35 +224,38 @@ def test_a_session_larger_than_the_host_pool_goes_to_disk_and_demotes_nobody(mak
 
 
 def test_a_resident_sessions_decode_does_not_wait_behind_anothers_slow_swap(make_rt):
-    import threading
-    import time
     rt = make_rt()
     slow, busy = rt.create(prompt=PROMPT), rt.create(prompt=PROMPT)
     rt.generate(slow.id, 1)
     rt.generate(busy.id, 1)
     write = rt.mem.disk.write
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow_write(*args):  # a disk that takes half a second (the write itself still happens)
+    def slow_write(*args):  # a disk that holds the swap (lock and all) until the test lets it go
         started.set()
-        time.sleep(0.5)
+        release.wait(60)
         return write(*args)
 
     rt.mem.disk.write = slow_write
     t = threading.Thread(target=rt.mem.swap_out, args=(slow,), kwargs={"tier": "disk"})
     t.start()
-    started.wait(5)
-    t0 = time.monotonic()
-    rt.generate(busy.id, 2)  # pins, reserves its activations and releases them: the books, not the swap lock
-    took = time.monotonic() - t0
+    started.wait(60)
+    step = threading.Thread(target=rt.generate, args=(busy.id, 2))  # pins, reserves and releases: the books
+    step.start()
+    step.join(60)  # behind the swap's lock it would still be waiting
+    decoded_during_swap = not step.is_alive()
+    release.set()
     t.join()
-    assert slow.location == "disk" and took < 0.4
+    step.join()
+    assert decoded_during_swap and slow.location == "disk"
     # and a swap-out that a forward overtakes (pinned before it commits) is dropped: the forward keeps its copy
     started.clear()
+    release.clear()
     t = threading.Thread(target=rt.mem.swap_out, args=(busy,), kwargs={"tier": "disk"})
     t.start()
-    started.wait(5)
+    started.wait(60)
     rt.mem.pin(busy)
+    release.set()
     t.join()
     rt.mem.unpin(busy)
     assert busy.location == "device" and rt.mem.disk.used == slow.stored.nbytes
@@ -262,7 +265,6 @@ def test_a_resident_sessions_decode_does_not_wait_behind_anothers_slow_swap(make
 def test_a_decode_step_taken_while_its_swap_out_copies_is_not_lost(make_rt):
     """A forward that pins, computes and unpins between the swap-out's copy and its commit makes
     that copy stale: it is dropped, and the session's tokens stay those of its prompt."""
-    import threading
     rt = make_rt()
     ref = rt.create(prompt=PROMPT)
     expected = rt.generate(ref.id, 6)

@@ -246,7 +246,7 @@ def _race(fn_a, fn_b):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(120)
         assert not t.is_alive(), "a call hung"
     return out
 
@@ -273,23 +273,25 @@ def test_close_stops_a_generate_loop_and_frees_everything(rt, lm):
 
 def test_close_stops_a_running_prefill_at_its_next_layer(rt, lm):
     """`djinnd stop` and `close` do not wait for a long forward to end: it stops between two layers."""
-    prompt = [i % 500 + 1 for i in range(4000)]
-    s = rt.create(token_ids=prompt)
-    t0 = time.monotonic()
-    rt.generate(s.id, 1)
-    whole = time.monotonic() - t0
-    rt.close(s.id)
-    s = rt.create(token_ids=prompt)
+    s = rt.create(token_ids=[i % 500 + 1 for i in range(4000)])
+    ran_after_close = []
+
+    def count(*_):
+        if s.closing:
+            ran_after_close.append(1)
+    counters = [layer.register_forward_hook(count) for layer in lm.decoder_layers()]
 
     def close_once_running():
         while s.state != "running":
             time.sleep(0.001)
-        t = time.monotonic()
         rt.close(s.id)
-        return time.monotonic() - t
-    generated, took = _race(lambda: rt.generate(s.id, 1), close_once_running)
+    try:
+        generated, _ = _race(lambda: rt.generate(s.id, 1), close_once_running)
+    finally:
+        for h in counters:
+            h.remove()
     assert isinstance(generated, DjinnError) and "closed" in str(generated)
-    assert took < whole / 2, (took, whole)  # 8 layers: one is an eighth of the forward
+    assert len(ran_after_close) <= 1  # the layer running when close came, and no further
     assert s.state == "closed" and s.cache.slab is None and rt.mem.used == lm.weights_bytes
 
 
@@ -427,7 +429,7 @@ def test_a_long_prefill_lets_a_decode_step_through_and_its_tokens_do_not_change(
 
     t = threading.Thread(target=prefill)
     t.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while rt.device_lock.figures()["in_flight"] == 0 or s.state != "running":
         assert time.monotonic() < deadline
         time.sleep(0.0005)
@@ -454,7 +456,7 @@ def test_the_first_step_after_io_wait_goes_before_an_older_decode_step_and_only_
                 rt.signal_phase(s.id, phase)
             threads.append(threading.Thread(target=lambda s=s: (rt.generate(s.id, 1), order.append(s.id))))
             threads[-1].start()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while sum(rt.device_lock.figures()["waiting"].values()) < len(threads):
                 assert time.monotonic() < deadline
                 time.sleep(0.0005)

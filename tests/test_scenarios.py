@@ -48,7 +48,6 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, words):
 @pytest.mark.slow
 def test_exp3_headless_on_a_private_daemon(tmp_path):
     out_dir = tmp_path / "exp3"
-    t0 = time.monotonic()
     out = scenario("run", "exp3", "--headless", "--output", str(out_dir))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "starting a private one" in out.stderr
@@ -73,7 +72,6 @@ def test_exp3_headless_on_a_private_daemon(tmp_path):
     assert actions[0] == "started" and actions[-1] == "finished"
     rows = list(csv.reader((out_dir / "vram.csv").open()))
     assert rows[0] == ["timestamp", "used", "budget", "capacity"] and len(rows) > 5
-    assert time.monotonic() - t0 < 60
     log = (out_dir / "daemon" / "djinnd.log").read_text()
     sock = Path(log.split("serving on ")[1].split()[0])
     assert "stopped" in log and not sock.parent.exists()  # the private daemon was stopped and its folder removed
