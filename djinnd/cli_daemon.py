@@ -108,7 +108,8 @@ def main():
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Expandable segments on CUDA (set before CUDA starts): slabs that grow leave no stranded blocks,
     # so what the allocator reserves stays close to what the books charge.
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    name = "PYTORCH_ALLOC_CONF" if "PYTORCH_ALLOC_CONF" in os.environ else "PYTORCH_CUDA_ALLOC_CONF"  # torch reads the first
+    conf = os.environ.get(name, "")
     if "expandable_segments" not in conf:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
+        os.environ[name] = ",".join(filter(None, [conf, "expandable_segments:True"]))
     app(prog_name="djinnd")

@@ -51,6 +51,7 @@ def measure(lm) -> DeviceCosts:
 
     # Workspaces made before (another runtime in this process) would hide a new thread's: free them
     # all (torch's CUDA-graph code does the same); each handle makes its own again at its next matmul.
+    # Safe here, before anything else computes: the daemon measures once, at load.
     torch._C._cuda_clearCublasWorkspaces()
     peak(8)  # this thread's workspace and the kernels' first allocations are not a forward's cost
     before = torch.cuda.memory_allocated(dev)

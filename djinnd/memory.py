@@ -42,8 +42,8 @@ class MemoryManager:
         self.weights_bytes = weights_bytes
         self.overhead = overhead  # device bytes held outside sessions and weights (cuBLAS workspaces)
         self.cuda = device.type == "cuda"
-        self.host = HostPool(host_pool, pinned=self.cuda)
-        self.disk = DiskTier(spill_dir, pinned=self.cuda)
+        self.host = HostPool(host_pool, device)
+        self.disk = DiskTier(spill_dir, device)
         self.bus = bus
         self.lock = threading.RLock()  # swaps, one at a time, held through the copy
         self.acct = threading.Lock()  # the books: charges, pins, `stored`; held briefly
@@ -81,7 +81,8 @@ class MemoryManager:
             return {}
         return {"allocated_bytes": torch.cuda.memory_allocated(self.device),
                 "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
-                "reserved_bytes": torch.cuda.memory_reserved(self.device)}
+                "reserved_bytes": torch.cuda.memory_reserved(self.device),
+                "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
 
     def swap_figures(self) -> dict:
         out = dict(self.counters)
@@ -141,11 +142,10 @@ class MemoryManager:
         """Let `s` be swapped out again, giving back `release` bytes of its charge with the pin.
 
         On CUDA an event marks the end of what was queued for it: a swap-out's copy waits on that."""
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            s.device_done = done
         with self.acct:
+            if self.cuda:
+                s.device_done = torch.cuda.Event()
+                s.device_done.record(torch.cuda.current_stream(self.device))
             s.pins -= 1
             s.charge = max(0, s.charge - release)
             self._changed()
@@ -193,14 +193,21 @@ class MemoryManager:
     def reserve_overhead(self, nbytes: int, make_room: bool = True) -> None:
         """Charge `nbytes` that the device will hold outside any session (a new compute thread's
         cuBLAS workspace), swapping sessions out first if they do not fit and `make_room`."""
-        if make_room:
+        deadline = time.monotonic() + 60
+        while True:
+            with self.acct:
+                if self.used + nbytes <= self.budget:
+                    self.overhead += nbytes
+                    self.peak = max(self.peak, self.used)
+                    return
+                seen = self._version
+            if not make_room or time.monotonic() > deadline:
+                raise DjinnError("out_of_budget", f"no room for {nbytes} B of a new compute thread's workspace")
             with self.lock:
                 self._make_room(nbytes, None)
-        with self.acct:
-            if self.used + nbytes > self.budget:
-                raise DjinnError("out_of_budget", f"no room for {nbytes} B of a new compute thread's workspace")
-            self.overhead += nbytes
-            self.peak = max(self.peak, self.used)
+            with self.acct:
+                if self._version == seen and self.used + nbytes > self.budget:  # held by running sessions: wait
+                    self.changed.wait(0.5)
 
     def release(self, s, nbytes: int) -> None:
         with self.acct:
@@ -249,7 +256,9 @@ class MemoryManager:
                     stored = self._to_host(storages, sizes, s.charge)
                 if stored is None:
                     stored = Stored("disk", sizes, s.charge)
-                    stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}", [u8(st) for st in storages], total)
+                    with self._on_copy_stream():  # its copies wait for this session's work alone
+                        stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}",
+                                                      [u8(st) for st in storages], total)
             except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
                 self._sync()  # a copy queued before the failure may still read the storage
                 self.count("failures")
@@ -341,7 +350,8 @@ class MemoryManager:
                             u8(st).copy_(src[pos:pos + n], non_blocking=True)
                             pos += n
                 else:
-                    self.disk.read(stored.path, [u8(st) for st in storages])
+                    with self._on_copy_stream():
+                        self.disk.read(stored.path, [u8(st) for st in storages])
             except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
                 self._sync()  # a copy queued before the failure may still write the storage
                 for st in storages:
@@ -386,11 +396,12 @@ class MemoryManager:
         return torch.cuda.stream(self._stream) if self.cuda else _Null()
 
     def _fence(self, event) -> None:
-        """Make the copy stream wait for `event`, or with None for all work queued on the default stream."""
+        """Make the copy stream wait for `event`, or with None for all work queued on the stream that
+        allocates (this thread's current one: the default, as the forwards run)."""
         if not self.cuda:
             return
         if event is None:
-            self._stream.wait_stream(torch.cuda.default_stream(self.device))
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
             self._stream.wait_event(event)
 

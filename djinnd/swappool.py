@@ -24,25 +24,31 @@ def u8(storage: torch.UntypedStorage) -> torch.Tensor:
     return t.set_(storage, 0, (storage.nbytes(),))
 
 
-def host_buffer(owner, n: int, pinned: bool) -> torch.Tensor:
-    """`n` bytes of host memory, page-locked with CUDA when `pinned`, exactly: torch's pinned
-    allocator rounds a request up to a power of two (48 GiB asked would pin 64). The pages are
-    registered for as long as `owner` lives."""
+def host_buffer(owner, n: int, device: torch.device) -> torch.Tensor:
+    """`n` bytes of host memory, page-locked for a CUDA `device`, exactly: torch's pinned allocator
+    rounds a request up to a power of two (48 GiB asked would pin 64). The pages are registered for
+    as long as `owner` lives, under `device`, so no other GPU gets a context for them."""
     buf = torch.empty(n, dtype=torch.uint8)
-    if pinned and n:
+    if device.type == "cuda" and n:
         cudart = torch.cuda.cudart()
-        err = int(cudart.cudaHostRegister(buf.data_ptr(), n, 0))
+        with torch.cuda.device(device):
+            err = int(cudart.cudaHostRegister(buf.data_ptr(), n, 1))  # 1: portable, as torch pins
         if err:
             raise OSError(f"cannot pin {n} B of host memory (cudaHostRegister error {err})")
-        weakref.finalize(owner, cudart.cudaHostUnregister, buf.data_ptr())  # before the buffer is freed
+        weakref.finalize(owner, _unregister, device, buf.data_ptr())  # before the buffer is freed
     return buf
 
 
+def _unregister(device: torch.device, ptr: int) -> None:
+    with torch.cuda.device(device):
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 class HostPool:
-    def __init__(self, capacity: int, pinned: bool):
+    def __init__(self, capacity: int, device: torch.device):
         self.capacity = capacity
-        self.buffer = host_buffer(self, capacity, pinned)
-        self.pinned_bytes = capacity if pinned else 0
+        self.buffer = host_buffer(self, capacity, device)
+        self.pinned_bytes = capacity if device.type == "cuda" else 0
         self._free = [(0, capacity)] if capacity else []  # (offset, size), sorted, coalesced
         self.used = 0
         self._lock = threading.Lock()
@@ -80,16 +86,16 @@ class HostPool:
 
 
 class DiskTier:
-    def __init__(self, folder: Path, pinned: bool):
+    def __init__(self, folder: Path, device: torch.device):
         self.folder = Path(folder)
         self.used = 0
-        self._pinned = pinned
+        self._device = device
         self._staging = None
         self._lock = threading.Lock()
 
     def _stage(self) -> torch.Tensor:
         if self._staging is None:
-            self._staging = host_buffer(self, STAGING, self._pinned)
+            self._staging = host_buffer(self, STAGING, self._device)
         return self._staging
 
     def write(self, name: str, parts: list[torch.Tensor], total: int) -> Path:

@@ -176,13 +176,11 @@ class Sampler:
             import pynvml
             import torch
             pynvml.nvmlInit()
-            want = str(torch.cuda.get_device_properties(self.device).uuid)
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                if want in (uuid.decode() if isinstance(uuid, bytes) else uuid):  # NVML's reads GPU-<uuid>
-                    return handle
-            raise LookupError(f"no NVML device has UUID {want}")
+            uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            except pynvml.NVMLError:
+                return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")  # a MIG instance
         except Exception as e:  # reported once, never fatal
             self.bus.emit("error", where="nvml", message=f"NVML unavailable, device memory from the allocator only: {e}")
             return None

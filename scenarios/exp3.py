@@ -141,7 +141,8 @@ def run(ctx, p: dict):
         _crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
               completed == n),
         _crit(ctx, "peak_under_budget", f"peak {_fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})"
-              + (f"; the CUDA allocator's peak {_fmt(device_peak)}" if device_peak is not None else ""),
+              + (f"; the CUDA allocator's peak {_fmt(device_peak)} (reserved {_fmt(vs['allocator_reserved_peak_bytes'])})"
+                 if device_peak is not None else ""),
               peak is not None and peak <= budget and (device_peak is None or device_peak <= budget)),
         _crit(ctx, "swapping_when_needed",
               f"{m['swap']['swap_outs']} swap-outs, {m['swap']['swap_ins']} swap-ins; the math "

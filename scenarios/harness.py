@@ -171,12 +171,13 @@ class Context:
             self.recorder.wait_for(seq)
         samples = self.log.of_type("vram", since_ns=self._t0_ns)
         used = [e["used_bytes"] for e in samples if local == (e.get("origin") == "scenario")]
-        peak, device_peak, source = None, None, "samples"
+        peak, device_peak, reserved_peak, source = None, None, None, "samples"
         swap = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0}
         if not local and self.client is not None and self._status0 is not None:
             st = self.client.status()
             peak, source = st["memory"]["peak_device_bytes"], "the daemon's peak counter over the run, and samples"
             device_peak = st["memory"].get("max_allocated_bytes")  # CUDA: the allocator's own peak
+            reserved_peak = st["memory"].get("max_reserved_bytes")
             swap = {k: st["swap"][k] - self._status0["swap"][k] for k in swap}
         swaps = [] if local else self.log.of_type("swap_out", "swap_in", since_ns=self._t0_ns)
         ms = [e["ms"] for e in swaps]
@@ -189,7 +190,7 @@ class Context:
         stats = {"min_bytes": min(used) if used else None, "max_bytes": max(tops) if tops else None,
                  "avg_bytes": round(statistics.fmean(used)) if used else None, "budget_bytes": self.budget,
                  "samples": len(used), "peak_device_bytes": peak, "max_source": source,
-                 "allocator_peak_bytes": device_peak}
+                 "allocator_peak_bytes": device_peak, "allocator_reserved_peak_bytes": reserved_peak}
         return {"vram_stats": stats, "swap": swap, "swapping_active": swap["swap_outs"] > 0}
 
 

@@ -174,15 +174,18 @@ def test_the_books_cover_what_the_allocator_holds_with_sessions_paused_in_thread
     # not charged yet (issue 24): the rotary cos/sin and position ids each paused forward holds
     lm, tokens = rt.lm, 2048
     unbooked = len(sessions) * tokens * (2 * lm.head_dim * lm.dtype.itemsize + 8)
-    assert allocator_peak <= rt.mem.peak + unbooked + (256 << 10), (allocator_peak, rt.mem.peak, rt.mem.figures())
+    # allocator rounding: a large-pool block may be reused unsplit (up to ~1 MiB over a tensor), so a few MiB
+    assert allocator_peak <= rt.mem.peak + unbooked + (4 << 20), (allocator_peak, rt.mem.peak, rt.mem.figures())
     for s in sessions:
         rt.close(s.id)
 
 
 def test_the_host_pool_pins_exactly_what_was_asked():
     n = (48 << 20) + 4096  # not a power of two: torch's pinned allocator would round it up to 64 MiB
-    pool = HostPool(n, pinned=True)
+    held = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    pool = HostPool(n, torch.device("cuda:0"))
     assert pool.buffer.numel() == n and pool.buffer.is_pinned() and pool.pinned_bytes == n
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == held  # not torch's rounding pool
     src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
     pool.buffer.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
