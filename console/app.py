@@ -159,7 +159,7 @@ class DjinnConsole(App):
         if self.current_mode != "scenarios":
             self.switch_mode("scenarios")
         try:
-            got = await rpc(self.socket, "scenario.start", name=name, set=sets)
+            got = await rpc(self.socket, lambda c: c.start_scenario(name, sets))
         except DjinnError as e:
             self.notify(f"cannot launch {name}: {e}", severity="error", timeout=8)
             return
@@ -178,7 +178,7 @@ class DjinnConsole(App):
 
         def answer(yes: bool | None) -> None:
             if yes:
-                self.call_rpc("scenario.abort", f"abort requested for run {run['run']}", run=run["run"])
+                self.call_rpc(lambda c: c.abort_scenario(run["run"]), "abort", f"abort requested for run {run['run']}")
         self.push_screen(Confirm(f"Abort run {run['run']} ({run.get('name')})?"), answer)
 
     # -- sessions ------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class DjinnConsole(App):
             if yes:
                 if isinstance(self.screen, SessionDetail):
                     self.pop_screen()
-                self.call_rpc("session.close", f"session {sid} closed", session=sid)
+                self.call_rpc(lambda c: c.close(sid), "close", f"session {sid} closed")
         self.push_screen(Confirm(f"Close session {sid}? Its KV cache and paused forward are dropped."), answer)
 
     @work(group="rpc")
@@ -201,17 +201,17 @@ class DjinnConsole(App):
             detail.set_stats(f"only a paused session can be inspected (it is {s.get('state', 'unknown')})")
             return
         try:
-            detail.set_stats(await rpc(self.socket, "session.inspect", timeout=30, session=detail.sid))
+            detail.set_stats(await rpc(self.socket, lambda c: c.inspect(detail.sid), timeout=30))
         except DjinnError as e:
             detail.set_stats(f"inspect failed: {e}")
 
     @work(group="rpc")
-    async def call_rpc(self, method: str, done: str, **params) -> None:
+    async def call_rpc(self, call, what: str, done: str) -> None:
         try:
-            await rpc(self.socket, method, timeout=30, **params)
+            await rpc(self.socket, call, timeout=30)
             self.notify(done)
         except DjinnError as e:
-            self.notify(f"{method} failed: {e}", severity="error", timeout=8)
+            self.notify(f"{what} failed: {e}", severity="error", timeout=8)
 
     # -- export --------------------------------------------------------------------------------------
     def action_export(self) -> None:

@@ -31,16 +31,16 @@ class Gone(Exception):
     """The daemon stopped answering."""
 
 
-async def rpc(socket: Path, method: str, timeout: float = RPC_TIMEOUT, **params):
-    """One request on a fresh DEALER, bounded by `timeout` even when the send itself would block.
+async def rpc(socket: Path, call: Callable, timeout: float = RPC_TIMEOUT):
+    """`call(client)` on a fresh AsyncClient, bounded by `timeout` even when the send itself would block.
 
     A fresh socket per call keeps concurrent callers from reading each other's replies.
     """
     client = AsyncClient(socket, timeout=timeout)
     try:
-        return await asyncio.wait_for(client.call(method, **params), timeout + 0.5)
+        return await asyncio.wait_for(call(client), timeout + 0.5)
     except asyncio.TimeoutError:
-        raise DjinnError("timeout", f"{method}: no reply from {socket} within {timeout:.0f} s") from None
+        raise DjinnError("timeout", f"no reply from {socket} within {timeout:.0f} s") from None
     finally:
         client.close_socket()
 
@@ -65,7 +65,7 @@ class Link:
             await asyncio.sleep(POLL_EVERY)
 
     async def _follow(self):
-        status = await rpc(self.socket, "status")
+        status = await rpc(self.socket, AsyncClient.status)
         sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 200_000)
@@ -73,7 +73,7 @@ class Link:
         sub.connect(f"ipc://{status['events_socket']}")
         try:
             await asyncio.sleep(0.05)  # let the subscription reach the publisher before the snapshot
-            snap = await rpc(self.socket, "snapshot", samples=6000)
+            snap = await rpc(self.socket, lambda c: c.snapshot(samples=6000))
             snap["events"] = await self._history(snap)
             self.attached = True
             self.post(Attached(str(self.socket), snap))
@@ -85,7 +85,7 @@ class Link:
     async def _history(self, snap: dict) -> list[dict]:
         """The snapshot holds the last 500 seqs (under a minute at 10 samples/s): fetch more swap history."""
         try:
-            got = await rpc(self.socket, "events.since", timeout=5, seq=max(0, snap["seq"] - HISTORY_SEQS))
+            got = await rpc(self.socket, lambda c: c.events_since(max(0, snap["seq"] - HISTORY_SEQS)), timeout=5)
         except DjinnError:
             return snap["events"]
         merged = {e["seq"]: e for e in got["events"] if e["seq"] <= snap["seq"]}
@@ -95,13 +95,13 @@ class Link:
     async def _side_info(self):
         """Scenario catalog and runs: optional, so a failure is shown, never fatal."""
         try:
-            self.post(Catalog((await rpc(self.socket, "scenario.list"))["scenarios"]))
+            self.post(Catalog(await rpc(self.socket, AsyncClient.scenarios)))
         except DjinnError as e:
             if e.code in ("no_daemon", "timeout"):
                 raise
             self.post(Catalog(error=str(e)))
         try:
-            self.post(Runs((await rpc(self.socket, "scenario.runs"))["runs"]))
+            self.post(Runs(await rpc(self.socket, AsyncClient.scenario_runs)))
         except DjinnError as e:
             if e.code in ("no_daemon", "timeout"):
                 raise
@@ -137,7 +137,7 @@ class Link:
 
     async def _repair(self, last_seq: int, seq: int) -> tuple[list[dict], int]:
         """Fetch the non-sample events of a gap; samples are not kept, so those count as lost."""
-        got = await rpc(self.socket, "events.since", seq=last_seq)
+        got = await rpc(self.socket, lambda c: c.events_since(last_seq))
         missing = [e for e in got["events"] if last_seq < e["seq"] < seq]
         return missing, (seq - last_seq - 1) - len(missing)
 
@@ -146,8 +146,8 @@ class Link:
             # the daemon holds its pidfile lock for life: unlocked means it died, whatever the socket says
             raise Gone(f"djinnd on {self.socket} is gone (it left a stale socket)")
         try:
-            status = await rpc(self.socket, "status")
-            sessions = (await rpc(self.socket, "session.list"))["sessions"]
+            status = await rpc(self.socket, AsyncClient.status)
+            sessions = await rpc(self.socket, AsyncClient.sessions)
         except DjinnError as e:
             raise Gone(str(e)) from None
         self.post(Polled(status, sessions))

@@ -23,16 +23,17 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _call(socket, method, **params):
+def _call(socket, fn):
+    """fn(client)'s result; a DjinnError is one line and exit 2 (no daemon) or 1."""
     try:
         with Client(socket) as c:
-            return c.call(method, **params)
+            return fn(c)
     except DjinnError as e:
         fail(str(e), 2 if e.code == "no_daemon" else 1)
 
 
 def print_status(socket, as_json: bool) -> None:
-    st = _call(socket, "status")
+    st = _call(socket, Client.status)
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
@@ -68,13 +69,13 @@ def _out(obj, as_json=True):
 def session_create(prompt: str = typer.Argument(..., help="prompt text"), qos: str = typer.Option("interactive"),
                    socket: str = SocketOpt):
     """Create a session; prints its id."""
-    typer.echo(_call(socket, "session.create", prompt=prompt, qos=qos)["id"])
+    typer.echo(_call(socket, lambda c: c.create_session(prompt=prompt, qos=qos)))
 
 
 @session_app.command("list")
 def session_list(socket: str = SocketOpt, as_json: bool = JsonOpt):
     """List sessions."""
-    rows = _call(socket, "session.list")["sessions"]
+    rows = _call(socket, Client.sessions)
     if as_json:
         return _out(rows)
     typer.echo(f"{'id':>4} {'state':8} {'layer':>5} {'where':6} {'bytes':>10} {'qos':12} swaps")
@@ -87,26 +88,26 @@ def session_list(socket: str = SocketOpt, as_json: bool = JsonOpt):
 @session_app.command("show")
 def session_show(sid: int, socket: str = SocketOpt):
     """Show one session."""
-    _out(_call(socket, "session.get", session=sid))
+    _out(_call(socket, lambda c: c.session(sid)))
 
 
 @session_app.command("generate")
 def session_generate(sid: int, n: int = typer.Option(1, "-n", help="tokens to generate"), socket: str = SocketOpt):
     """Generate n greedy tokens; prints their ids."""
-    typer.echo(" ".join(map(str, _call(socket, "session.generate", session=sid, max_new_tokens=n)["tokens"])))
+    typer.echo(" ".join(map(str, _call(socket, lambda c: c.generate(sid, n)))))
 
 
 @session_app.command("run-to")
 def session_run_to(sid: int, layers: list[int] = typer.Argument(..., help="decoder layers to pause after"),
                    socket: str = SocketOpt):
     """Run the next forward to a breakpoint and pause there."""
-    _out(_call(socket, "session.run_to", session=sid, layers=layers))
+    _out(_call(socket, lambda c: c.run_to(sid, layers=layers)))
 
 
 @session_app.command("inspect")
 def session_inspect(sid: int, socket: str = SocketOpt):
     """Statistics of the paused layer's output."""
-    _out(_call(socket, "session.inspect", session=sid))
+    _out(_call(socket, lambda c: c.inspect(sid)))
 
 
 @session_app.command("patch")
@@ -114,34 +115,35 @@ def session_patch(sid: int, op: str = typer.Argument(..., help="set | add | scal
                   positions: str = typer.Option(None, help="comma-separated token positions"),
                   channels: str = typer.Option(None, help="comma-separated channels"), socket: str = SocketOpt):
     """Patch the paused hidden state."""
-    params = {"session": sid, "op": op, "value": value}
+    if op not in ("set", "add", "scale"):
+        fail(f"unknown patch op {op!r} (choose set, add, scale)", 2)
     try:
-        if positions:
-            params["positions"] = [int(x) for x in positions.split(",")]
-        if channels:
-            params["channels"] = [int(x) for x in channels.split(",")]
+        at = {k: [int(x) for x in v.split(",")] for k, v in (("positions", positions), ("channels", channels)) if v}
     except ValueError:
         fail("--positions and --channels take comma-separated integers", 2)
-    _out(_call(socket, "session.patch", **params))
+    _out(_call(socket, lambda c: c.patch(sid, **{op: value}, **at)))
 
 
 @session_app.command("resume")
 def session_resume(sid: int, socket: str = SocketOpt):
     """Resume a paused session."""
-    _out(_call(socket, "session.resume", session=sid))
+    def resume(c):
+        token = c.resume(sid)
+        return {"state": "idle", "token": token} if token is not None else {"state": "paused", "layer": c.session(sid)["layer"]}
+    _out(_call(socket, resume))
 
 
 @session_app.command("phase")
 def session_phase(sid: int, phase: str = typer.Argument(..., help="IO_WAIT | COMPUTE"),
                   expected_ms: float = typer.Option(None, "--expected-ms"), socket: str = SocketOpt):
     """Signal a phase (IO_WAIT lets the daemon swap the session out and prefetch it back)."""
-    _out(_call(socket, "session.signal_phase", session=sid, phase=phase, expected_ms=expected_ms))
+    _out(_call(socket, lambda c: c.signal_phase(sid, phase, expected_ms)))
 
 
 @session_app.command("close")
 def session_close(sid: int, socket: str = SocketOpt):
     """Close a session and free its memory."""
-    _call(socket, "session.close", session=sid)
+    _call(socket, lambda c: c.close(sid))
     typer.echo(f"closed {sid}")
 
 

@@ -29,7 +29,8 @@ def _no_daemon(sock: Path, why: str) -> DjinnError:
 
 
 class _Api:
-    """The methods of CONTRACT.md, written once over `call` (sync) or `acall` (async)."""
+    """One call for every method of the wire table (djinnd/wire.py), written once over `call`
+    (sync) or `acall` (async)."""
 
     def _do(self, method, post=None, **params):
         raise NotImplementedError
@@ -45,6 +46,10 @@ class _Api:
 
     def events_since(self, seq: int):
         return self._do("events.since", seq=seq)
+
+    def emit(self, type: str, **fields):
+        """Publish an event on the daemon's stream (clients may emit `scenario` events); its seq."""
+        return self._do("event.emit", lambda r: r["seq"], type=type, **fields)
 
     def create_session(self, prompt: str | None = None, token_ids: list[int] | None = None, qos: str = "interactive"):
         params = {"qos": qos}
@@ -98,6 +103,22 @@ class _Api:
 
     def reset_peak(self):
         return self._do("memory.reset_peak")
+
+    def set_scheduler(self, **settings):
+        """Any of fcfs, shares, max_concurrency, lifo, escalation_ms (None: off), wake_first."""
+        return self._do("scheduler.set", **settings)
+
+    def scenarios(self):
+        return self._do("scenario.list", lambda r: r["scenarios"])
+
+    def start_scenario(self, name: str, sets: dict | None = None):
+        return self._do("scenario.start", name=name, set=sets or {})
+
+    def abort_scenario(self, run: int):
+        return self._do("scenario.abort", run=run)
+
+    def scenario_runs(self):
+        return self._do("scenario.runs", lambda r: r["runs"])
 
     def shutdown(self):
         return self._do("shutdown")

@@ -223,7 +223,7 @@ def start_detached(argv: list[str], sock: Path, log_file: Path, timeout: float =
         if sock.exists():
             try:
                 with Client(sock, timeout=2) as c:
-                    c.call("ping")
+                    c.ping()
                 return proc.pid
             except DjinnError:
                 pass
@@ -240,7 +240,7 @@ def stop(sock: Path, timeout: float = 30.0) -> str:
         raise RuntimeError(f"no djinnd is running on {sock}")
     try:
         with Client(sock, timeout=5) as c:
-            c.call("shutdown")
+            c.shutdown()
     except DjinnError:
         if pid:
             os.kill(pid, signal.SIGTERM)

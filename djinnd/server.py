@@ -19,7 +19,8 @@ import zmq.asyncio
 
 from . import protocol
 from .protocol import DjinnError
-from .service import NOT_NOW, SLOW
+from .service import NOT_NOW
+from .wire import SLOW
 
 log = logging.getLogger("djinnd.server")
 

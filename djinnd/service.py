@@ -1,17 +1,10 @@
-"""The daemon's request handlers: method name -> runtime call, with parameters checked on the way."""
+"""The daemon's request handlers: method name -> runtime call, parameters checked by the wire table."""
 
-import functools
-import inspect
 import os
 import time
 
-from . import __version__
+from . import __version__, wire
 from .protocol import DjinnError
-from .sizes import parse_size
-
-# Methods that may block (a forward pass, a swap) run on the worker pool; the rest on the loop.
-SLOW = {"session.generate", "session.run_to", "session.resume", "session.inspect", "session.patch",
-        "session.close", "session.signal_phase", "memory.set_budget", "session.create"}
 
 NOT_NOW = object()
 
@@ -27,29 +20,22 @@ class Service:
         self.metrics_url = None  # set when the Prometheus endpoint is on
 
     def handle(self, method: str, params: dict):
-        fn = self.METHODS.get(method)
-        if fn is None:
-            raise DjinnError("unknown_method", f"unknown method {method!r}")
-        try:
-            _signature(fn).bind(self, **params)
-        except TypeError as e:
-            raise DjinnError("bad_params", f"{method}: {e}") from None
-        return fn(self, **params)
+        kw = wire.check(method, params)  # unknown methods included
+        return self.HANDLERS[method](self, **kw)
 
     def now(self, method: str, params: dict):
-        """A SLOW method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
+        """A slow method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
         a worker): a one-token decode step of a resident session on a free device, or COMPUTE for
         a resident session (a no-op but for the phase)."""
-        if method == "session.generate" and params.keys() <= {"session", "max_new_tokens"} \
-                and params.get("max_new_tokens", 1) == 1 and type(params.get("max_new_tokens", 1)) is int:
-            token = self.rt.step_now(params.get("session"))
+        kw = wire.check(method, params)
+        if method == "session.generate" and kw["max_new_tokens"] == 1:
+            token = self.rt.step_now(kw["session"])
             if token is not None:
                 return {"tokens": [token]}
-        elif method == "session.signal_phase" and params.get("phase") == "COMPUTE" \
-                and params.keys() <= {"session", "phase", "expected_ms"}:
-            s = self.rt.sessions.get(params.get("session")) if type(params.get("session")) is int else None
+        elif method == "session.signal_phase" and kw["phase"] == "COMPUTE":
+            s = self.rt.sessions.get(kw["session"])
             if s is not None and s.stored is None:
-                return self.handle(method, params)
+                return self.signal_phase(**kw)
         return NOT_NOW
 
     # -- daemon ----------------------------------------------------------------------------------
@@ -68,19 +54,16 @@ class Service:
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
                 "swap": mem.swap_figures(), "scheduler": self.rt.device_lock.figures(), "seq": self.bus.seq}
 
-    def snapshot(self, samples: int = 600):
-        n = _int(samples, "samples")
+    def snapshot(self, samples: int):
         seq = self.bus.seq
         return {"seq": seq, "status": self.status(), "sessions": self.rt.list_sessions(),
-                "samples": self.bus.recent(n, samples=True), "events": self.bus.recent(500)}
+                "samples": self.bus.recent(samples, samples=True), "events": self.bus.recent(500)}
 
     def events_since(self, seq: int):
-        events, lost = self.bus.since(_int(seq, "seq"))
+        events, lost = self.bus.since(seq)
         return {"events": events, "lost": lost}
 
     def emit(self, type: str, **fields):
-        if type != "scenario":
-            raise DjinnError("bad_params", "clients may only emit 'scenario' events")
         reserved = {"seq", "ts", "mono_ns"} & set(fields)
         if reserved:
             raise DjinnError("bad_params", f"{', '.join(sorted(reserved))} are set by the daemon")
@@ -90,33 +73,28 @@ class Service:
         self.stop_requested = True
         return {}
 
-    def set_budget(self, budget):
-        try:
-            self.rt.mem.set_budget(parse_size(budget))
-        except ValueError as e:
-            raise DjinnError("bad_params", str(e)) from None
+    def set_budget(self, budget: int):
+        self.rt.mem.set_budget(budget)
         return self.rt.mem.figures()
 
     def reset_peak(self):
         self.rt.mem.reset_peak()
         return self.rt.mem.figures()
 
-    def set_swap(self, enabled):
-        if not isinstance(enabled, bool):
-            raise DjinnError("bad_params", "'enabled' must be true or false")
+    def set_swap(self, enabled: bool):
         self.rt.mem.swap_enabled = enabled
         return {"swap_enabled": enabled}
 
-    def scheduler_set(self, fcfs=None, shares=None, max_concurrency=None, lifo=None, escalation_ms=False, wake_first=None):
+    def scheduler_set(self, **kw):
         """Change the QoS policy live (the qos scenario compares it with first-come-first-served)."""
         from .scheduler import parse_shares
-        kw = {k: v for k, v in (("fcfs", fcfs), ("max_concurrency", max_concurrency), ("lifo", lifo),
-                                ("wake_first", wake_first)) if v is not None}
         try:
-            if shares is not None:
+            if "shares" in kw:
+                shares = kw["shares"]
                 kw["shares"] = None if shares == "" else parse_shares(shares) if isinstance(shares, str) else shares
-            if escalation_ms is not False:
-                kw["escalation_s"] = escalation_ms / 1000 if escalation_ms else None
+            if "escalation_ms" in kw:
+                ms = kw.pop("escalation_ms")
+                kw["escalation_s"] = ms / 1000 if ms else None
             return self.rt.device_lock.configure(**kw)
         except (ValueError, TypeError) as e:
             raise DjinnError("bad_params", str(e)) from None
@@ -131,11 +109,11 @@ class Service:
     def get(self, session):
         return self.rt.get(session).info()
 
-    def generate(self, session, max_new_tokens=1):
+    def generate(self, session, max_new_tokens):
         return {"tokens": self.rt.generate(session, max_new_tokens)}
 
-    def run_to(self, session, layers=None, layer=None):
-        return self.rt.run_to(session, layers if layers is not None else layer)
+    def run_to(self, session, layers):
+        return self.rt.run_to(session, layers)
 
     def resume(self, session):
         return self.rt.resume(session)
@@ -162,7 +140,7 @@ class Service:
     def scenario_list(self):
         return {"scenarios": self._runs().catalog()}
 
-    def scenario_start(self, name, set=None):
+    def scenario_start(self, name, set):
         return self._runs().start(name, set or {})
 
     def scenario_abort(self, run):
@@ -171,7 +149,7 @@ class Service:
     def scenario_runs(self):
         return {"runs": self._runs().runs()}
 
-    METHODS = {
+    HANDLERS = {  # one for each method of the wire table
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
         "memory.set_swap": set_swap, "memory.reset_peak": reset_peak, "scheduler.set": scheduler_set,
@@ -181,17 +159,6 @@ class Service:
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,
         "scenario.runs": scenario_runs,
     }
-
-
-@functools.cache
-def _signature(fn):
-    return inspect.signature(fn)
-
-
-def _int(v, name):
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise DjinnError("bad_params", f"'{name}' must be an integer")
-    return v
 
 
 def _device_name(dev) -> str:

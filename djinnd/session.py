@@ -4,7 +4,6 @@ import threading
 import time
 
 from .kvcache import SlabCache
-from .scheduler import QOS_CLASSES
 
 
 class Aborted(Exception):
@@ -69,8 +68,3 @@ class Session:
             "last_swap_ms": self.last_swap_ms, "swaps": self.swaps, "created_at": self.created_at,
         }
 
-
-def check_qos(qos: str) -> str:
-    if qos not in QOS_CLASSES:
-        raise ValueError(f"unknown QoS class {qos!r} (choose {', '.join(QOS_CLASSES)})")
-    return qos

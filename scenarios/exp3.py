@@ -45,21 +45,22 @@ def plan(ctx, p: dict, model: dict, daemon_budget: int) -> tuple[list[int], dict
 
 def run_to_last_breakpoint(c, sid: int, layers: list[int]) -> list[dict]:
     """Run the session's prompt to each breakpoint in turn, inspecting the hidden state at every pause."""
-    r, pauses = c.run_to(sid, layers=layers), []
+    c.run_to(sid, layers=layers)
+    pauses = []
     while True:
         s = c.inspect(sid)
         pauses.append({k: s[k] for k in ("layer", "mean", "std", "norm")})
-        if r.get("layer") == layers[-1]:
+        if s["layer"] == layers[-1]:
             return pauses
-        r = c.call("session.resume", session=sid)
+        c.resume(sid)
 
 
 def finish(c, sid: int, gen_tokens: int) -> list[int]:
     """Resume a paused session to the end of its forward, then generate more: every token it produced."""
-    r = c.call("session.resume", session=sid)
-    while r["state"] == "paused":
-        r = c.call("session.resume", session=sid)
-    return [r["token"]] + (c.generate(sid, gen_tokens) if gen_tokens else [])
+    token = c.resume(sid)
+    while token is None:  # a further breakpoint
+        token = c.resume(sid)
+    return [token] + (c.generate(sid, gen_tokens) if gen_tokens else [])
 
 
 def run(ctx, p: dict):

@@ -88,7 +88,7 @@ class Context:
         fields = {"run": self.run_label, "name": self.scenario.name, "action": action, **fields}
         if self.client is not None:
             try:
-                return self.client.call("event.emit", type="scenario", **fields)["seq"]
+                return self.client.emit("scenario", **fields)
             except DjinnError:
                 pass
         self.log.local("scenario", **fields)
@@ -275,13 +275,12 @@ def _write(folder: Path, results: dict, log: EventLog) -> None:
 # -- a whole run (one point or a sweep) ----------------------------------------------------------------
 def connect(socket) -> Client | None:
     """A client of the daemon on `socket`, or None when none answers."""
-    client = Client(socket)
-    try:
-        client.call("ping", timeout=3)
-        return client
-    except DjinnError:
-        client.close_socket()
-        return None
+    with Client(socket, timeout=3) as probe:  # a daemon that answers answers at once
+        try:
+            probe.ping()
+        except DjinnError:
+            return None
+    return Client(socket)
 
 
 def local_kind(sets: dict) -> str:

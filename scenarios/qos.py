@@ -70,7 +70,7 @@ def run_mode(ctx, p: dict, mode: str, clients: list[dict], vocab: int, progress)
     settings = on_settings(p) if mode == "on" else off_settings(p)
     if p["max_concurrency"]:
         settings["max_concurrency"] = p["max_concurrency"]
-    sched = c.call("scheduler.set", **settings)
+    sched = c.set_scheduler(**settings)
     # sessions up front, prefilled: every timed request is k decode steps
     sids = {}
     for cl in clients:
@@ -180,7 +180,7 @@ def run(ctx, p: dict):
     vocab = vocab_of(model)
     before = st["scheduler"]
     try:
-        c.call("scheduler.set", fcfs=before["policy"] == "fcfs")  # probe: a daemon without scheduler.set
+        c.set_scheduler(fcfs=before["policy"] == "fcfs")  # probe: a daemon without scheduler.set
     except DjinnError as e:
         if e.code == "unknown_method":
             raise Skip("this daemon cannot change its scheduler (no scheduler.set)") from None
@@ -202,7 +202,7 @@ def run(ctx, p: dict):
                 f"{f['device_share']} of the device" for cls, f in runs[mode]["classes"].items())
                 + f"; {runs[mode]['wall_s']} s")
     finally:
-        c.call("scheduler.set", **restore_settings(before))
+        c.set_scheduler(**restore_settings(before))
     m = ctx.measure()
     return summarize(ctx, p, math, modes, runs, clients, m)
 
