@@ -31,7 +31,7 @@ def start(
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="at most N sessions with a forward in flight"),
     lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)"),
-    busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a decode step, poll for the client's next one this long before sleeping (0: off)"),
+    busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a request answered on the I/O loop (a decode step, status), poll for the next this long before sleeping (0: off)"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
     from .daemon import is_locked, read_pid, run_foreground, start_detached

@@ -88,7 +88,8 @@ class Server:
         return None
 
     def _dispatch(self, frames) -> bool:
-        """Answer or start one request; True when it was a decode step answered on the loop."""
+        """Answer or start one request; True when it was answered on the loop (a client that asks
+        again at once, a decode step's next or a poll's, is then taken without sleeping)."""
         if len(frames) < 2:
             return False
         ident, body = frames[0], frames[-1]
@@ -104,12 +105,13 @@ class Server:
             reply = self._answer(rid, lambda: self.service.now(method, params))
             if reply is not None:
                 self._send(ident, reply)
-                return method == "session.generate"
+                return True
             task = asyncio.ensure_future(self._answer_slow(ident, rid, method, params))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
             self._send(ident, self._answer(rid, lambda: self.service.handle(method, params)))
+            return True
         return False
 
     async def _answer_slow(self, ident, rid, method, params) -> None:
