@@ -113,9 +113,9 @@ step env 30 env_info
 step wheels 90 wheels
 step tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
 step swap 120 "$PY" bench/swap.py --device cuda --disk --json "$OUT/swap.json"
-step exp3 270 "$PY" -m djinnd.cli scenario run exp3 --headless --set budget="$EXP3_BUDGET" --output "$RUNS/exp3"
+step exp3 270 "$PY" -m scenarios.cli run exp3 --headless --set budget="$EXP3_BUDGET" --output "$RUNS/exp3"
 wanted baseline && gpu_procs | tee -a "$OUT/validate.log"  # memory a leftover daemon would still hold
-step baseline 150 "$PY" -m djinnd.cli scenario run exp3 --headless --set budget="$EXP3_BUDGET" --set baseline=hold-all --output "$RUNS/exp3-baseline"
+step baseline 150 "$PY" -m scenarios.cli run exp3 --headless --set budget="$EXP3_BUDGET" --set baseline=hold-all --output "$RUNS/exp3-baseline"
 
 # pack up: a few files flat, everything else in one tarball
 for run in exp3 exp3-baseline; do

@@ -28,7 +28,7 @@ import zmq  # noqa: E402
 
 from bench.common import load_line, machine_line  # noqa: E402
 from djinnd import protocol  # noqa: E402
-from djinnd.client import Client, DjinnError  # noqa: E402
+from djinnd import Client, DjinnError, percentile  # noqa: E402
 
 
 class PrivateDaemon:
@@ -119,14 +119,9 @@ def echo_loop(n: int, warmup: int) -> tuple[list[float], float]:
 def summary(lat: list[float], wall: float) -> dict:
     lat = sorted(lat)
     us = [x * 1e6 for x in lat]
-    return {"requests": len(lat), "p50_us": round(_pct(us, 50), 1), "p99_us": round(_pct(us, 99), 1),
+    return {"requests": len(lat), "p50_us": round(percentile(us, 50), 1), "p99_us": round(percentile(us, 99), 1),
             "max_us": round(us[-1], 1), "mean_us": round(statistics.fmean(us), 1),
             "req_per_s": round(len(lat) / wall, 1)}
-
-
-def _pct(sorted_values, p) -> float:
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def run_threads(socket, threads: int, n: int, warmup: int) -> dict:

@@ -17,8 +17,7 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 from textual.css.query import NoMatches
 
-from djinnd import paths
-from djinnd.client import DjinnError
+from djinnd import DjinnError, resolve_socket
 
 from . import exporting
 from .link import Link, rpc
@@ -65,7 +64,7 @@ class DjinnConsole(App):
 
     def __init__(self, socket=None, launch: str | None = None, connect: bool = True, export_dir=None):
         super().__init__()
-        self.socket = paths.resolve_socket(socket)
+        self.socket = resolve_socket(socket)
         self.state = State()
         self.state.socket = str(self.socket)
         self.launch_on_attach = launch

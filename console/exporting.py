@@ -4,11 +4,10 @@ Source, in order: the current scenario run's folder; the daemon's log folder (`l
 the folder `status` names as `logs_dir`); else the events this console has seen since it attached.
 """
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from djinnd import export, paths
+from djinnd import default_logs_dir, export_events, write_events
 
 SUFFIX = {"jsonl": "jsonl", "csv": "csv", "chrome-trace": "trace.json"}
 
@@ -26,7 +25,7 @@ def pick_source(run: dict | None, status: dict) -> tuple[str, Path | None]:
 def out_dir_for(folder: Path | None) -> Path:
     """A run's export lands in its run folder; the daemon's in logs/exports; seen events in ./logs/exports."""
     if folder is None:
-        return paths.default_logs_dir() / "exports"
+        return default_logs_dir() / "exports"
     return folder if (folder / "events.jsonl").is_file() else folder.parent / "exports"
 
 
@@ -36,16 +35,7 @@ def export_to(folder: Path | None, events: list[dict], fmt: str, out_dir: Path |
     label = "djinn-events" if folder is None else "djinn-run" if (folder / "events.jsonl").is_file() else "djinn-daemon"
     out = Path(out_dir or out_dir_for(folder)) / f"{label}-{stamp}.{SUFFIX[fmt]}"
     if folder is not None:
-        n, path = export.export(folder, fmt, out)
-        return n, path
+        return export_events(folder, fmt, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            n = export.to_jsonl(events, f)
-        elif fmt == "csv":
-            n = export.to_csv(events, f)
-        else:
-            doc = export.to_chrome_trace(events)
-            json.dump(doc, f)
-            n = len(doc["traceEvents"])
-    return n, out
+        return write_events(events, fmt, f), out

@@ -1,7 +1,6 @@
 """Short, fixed-width renderings of the daemon's numbers, shared by every panel."""
 
-from djinnd.export import parse_ts
-from djinnd.sizes import format_size
+from djinnd import format_size, parse_ts
 
 
 def size(n) -> str:

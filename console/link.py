@@ -7,16 +7,11 @@ poll every second doubles as the liveness check; when it fails we say so and ret
 """
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
-import zmq
-import zmq.asyncio
-
-from djinnd.client import AsyncClient, DjinnError
-from djinnd.daemon import is_locked
+from djinnd import AsyncClient, DjinnError
 
 from .messages import Attached, Catalog, Detached, EventBatch, Polled, Runs
 
@@ -65,22 +60,23 @@ class Link:
             await asyncio.sleep(POLL_EVERY)
 
     async def _follow(self):
-        status = await rpc(self.socket, AsyncClient.status)
-        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 200_000)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(f"ipc://{status['events_socket']}")
+        client = AsyncClient(self.socket, timeout=RPC_TIMEOUT)  # its subscription repairs gaps with it
+        try:
+            sub = await asyncio.wait_for(client.subscribe(), RPC_TIMEOUT + 0.5)
+        except asyncio.TimeoutError:
+            raise DjinnError("timeout", f"no reply from {self.socket} within {RPC_TIMEOUT:.0f} s") from None
         try:
             await asyncio.sleep(0.05)  # let the subscription reach the publisher before the snapshot
             snap = await rpc(self.socket, lambda c: c.snapshot(samples=6000))
             snap["events"] = await self._history(snap)
+            sub.last_seq = snap["seq"]  # what the snapshot held is dropped from the stream
             self.attached = True
             self.post(Attached(str(self.socket), snap))
             await self._side_info()
-            await self._stream(sub, snap["seq"])
+            await self._stream(sub)
         finally:
-            sub.close(0)
+            sub.close()
+            client.close_socket()
 
     async def _history(self, snap: dict) -> list[dict]:
         """The snapshot holds the last 500 seqs (under a minute at 10 samples/s): fetch more swap history."""
@@ -106,43 +102,27 @@ class Link:
             if e.code in ("no_daemon", "timeout"):
                 raise
 
-    async def _stream(self, sub, last_seq: int):
+    async def _stream(self, sub):
         batch: list[dict] = []
-        lost = 0
+        lost = sub.lost
         sent = polled = time.monotonic()
         while True:
-            if await sub.poll(int(BATCH_EVERY * 1000)):
-                for _ in range(MAX_DRAIN):
-                    try:
-                        _, body = await sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    ev = json.loads(body)
-                    seq = ev.get("seq", 0)
-                    if seq <= last_seq:
-                        continue
-                    if seq > last_seq + 1:
-                        missing, n_lost = await self._repair(last_seq, seq)
-                        batch += missing
-                        lost += n_lost
-                    batch.append(ev)
-                    last_seq = seq
+            ev = await sub.recv(BATCH_EVERY)
+            while ev is not None and len(batch) < MAX_DRAIN:
+                batch.append(ev)
+                ev = await sub.recv(0)
+            if ev is not None:
+                batch.append(ev)
             now = time.monotonic()
             if batch and now - sent >= BATCH_EVERY:
-                self.post(EventBatch(batch, lost))
-                batch, lost, sent = [], 0, now
+                self.post(EventBatch(batch, sub.lost - lost))
+                batch, lost, sent = [], sub.lost, now
             if now - polled >= POLL_EVERY:
                 polled = now
                 await self.poll()
 
-    async def _repair(self, last_seq: int, seq: int) -> tuple[list[dict], int]:
-        """Fetch the non-sample events of a gap; samples are not kept, so those count as lost."""
-        got = await rpc(self.socket, lambda c: c.events_since(last_seq))
-        missing = [e for e in got["events"] if last_seq < e["seq"] < seq]
-        return missing, (seq - last_seq - 1) - len(missing)
-
     async def poll(self):
-        if self.socket.exists() and not is_locked(self.socket):
+        if self.socket.exists() and not AsyncClient(self.socket).daemon_alive():
             # the daemon holds its pidfile lock for life: unlocked means it died, whatever the socket says
             raise Gone(f"djinnd on {self.socket} is gone (it left a stale socket)")
         try:

@@ -183,12 +183,13 @@ def logs_tail(socket: str = SocketOpt, samples: bool = typer.Option(False, "--sa
         pass
 
 
-def _add_scenarios():
-    from scenarios.cli import app as scenario_app
-    app.add_typer(scenario_app, name="scenario")
+def _add_commands():
+    from .plugins import commands
+    for name, sub in commands():  # `djinn scenario`, from the scenarios package
+        app.add_typer(sub, name=name)
 
 
-_add_scenarios()
+_add_commands()
 
 
 def main():

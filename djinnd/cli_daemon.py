@@ -34,7 +34,8 @@ def start(
     busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a request answered on the I/O loop (a decode step, status), poll for the next this long before sleeping (0: off)"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
-    from .daemon import is_locked, read_pid, run_foreground, start_detached
+    from .daemon import run_foreground, start_detached
+    from .pidfile import is_locked, read_pid
     from .sizes import parse_size
     sock = paths.resolve_socket(socket)
     for name, value in (("--vram-budget", vram_budget), ("--host-pool", host_pool)):

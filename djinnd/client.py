@@ -8,15 +8,14 @@ import itertools
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
-from . import paths, protocol
+from . import paths, pidfile, protocol
 from .protocol import DjinnError
-
-__all__ = ["Client", "AsyncClient", "DjinnError", "Subscription"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds: a forward of a long prompt on a CPU takes a while
 CONNECT_TIMEOUT_MS = 2000  # a live daemon accepts the connection at once
@@ -122,6 +121,10 @@ class _Api:
 
     def shutdown(self):
         return self._do("shutdown")
+
+    def daemon_alive(self) -> bool:
+        """Whether a djinnd holds this socket's lock: one that was killed leaves its socket, not the lock."""
+        return pidfile.is_locked(self.socket_path)
 
 
 def _sel(positions, channels) -> dict:
@@ -264,55 +267,90 @@ class AsyncClient(_Api):
         r = await self.call(method, **params)
         return post(r) if post else r
 
+    async def subscribe(self, types: tuple[str, ...] = ()) -> "AsyncSubscription":
+        return AsyncSubscription(self, (await self.status())["events_socket"], types)
 
-class Subscription:
-    """Follows the event stream; a gap in `seq` is filled from the daemon's memory (samples excepted).
 
-    `lost` counts events that could not be recovered.
+class _Stream:
+    """What both subscriptions share: the SUB socket, and the seq bookkeeping that finds gaps.
+
+    Events already seen (seq at or below `last_seq`, e.g. those a snapshot held) are dropped; a gap
+    in seq is filled from the daemon's memory (samples excepted); `lost` counts what could not be.
     """
 
-    def __init__(self, client: Client, types: tuple[str, ...] = ()):
-        self.client = client
-        status = client.status()
-        self.endpoint = paths.endpoint(Path(status["events_socket"]))
-        self._sock = zmq.Context.instance().socket(zmq.SUB)
+    def _open(self, ctx, events_socket: str, types: tuple[str, ...]) -> None:
+        self.endpoint = paths.endpoint(Path(events_socket))
+        self._sock = ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 200_000)
         for t in types or ("",):
             self._sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         self._sock.connect(self.endpoint)
         self.types = types
-        self.last_seq = None
+        self.last_seq: int | None = None
         self.lost = 0
-        self._pending: list[dict] = []
+        self._pending: deque = deque()
 
-    def recv(self, timeout: float = 1.0) -> dict | None:
-        """The next event, or None when none came within `timeout` seconds."""
-        if self._pending:
-            return self._pending.pop(0)
-        if not self._sock.poll(int(timeout * 1000)):
-            return None
-        _, body = self._sock.recv_multipart()
-        ev = json.loads(body)
-        if not self.types and self.last_seq is not None and ev["seq"] > self.last_seq + 1:
-            self._repair(ev)
-        self.last_seq = ev["seq"] if self.last_seq is None else max(self.last_seq, ev["seq"])
-        if self._pending:
-            self._pending.append(ev)
-            return self._pending.pop(0)
-        return ev
+    def _take(self, frames) -> tuple[dict | None, int | None]:
+        """The event (None when seen already) and, when a gap comes before it, the seq it starts after."""
+        ev = json.loads(frames[-1])
+        last, seq = self.last_seq, ev["seq"]
+        if last is not None and seq <= last:
+            return None, None
+        self.last_seq = seq
+        return ev, (last if not self.types and last is not None and seq > last + 1 else None)
 
-    def _repair(self, ev: dict) -> None:
-        got = self.client.events_since(self.last_seq)
-        missing = [e for e in got["events"] if self.last_seq < e["seq"] < ev["seq"]]
-        self.lost += (ev["seq"] - self.last_seq - 1) - len(missing)
+    def _fill(self, got: dict, last: int, ev: dict) -> None:
+        missing = [e for e in got["events"] if last < e["seq"] < ev["seq"]]
+        self.lost += (ev["seq"] - last - 1) - len(missing)
         self._pending.extend(missing)
+        self._pending.append(ev)
 
     def close(self):
         self._sock.close(0)
+
+
+class Subscription(_Stream):
+    """Follows the event stream: `with client.subscribe() as sub: sub.recv()`."""
+
+    def __init__(self, client: Client, types: tuple[str, ...] = ()):
+        self.client = client
+        self._open(zmq.Context.instance(), client.status()["events_socket"], types)
+
+    def recv(self, timeout: float = 1.0) -> dict | None:
+        """The next event, or None when none came within `timeout` seconds."""
+        while not self._pending:
+            if not self._sock.poll(int(timeout * 1000)):
+                return None
+            ev, gap = self._take(self._sock.recv_multipart())
+            if ev is not None and gap is None:
+                return ev
+            if ev is not None:
+                self._fill(self.client.events_since(gap), gap, ev)
+        return self._pending.popleft()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AsyncSubscription(_Stream):
+    """Follows the event stream in asyncio: `sub = await client.subscribe(); await sub.recv()`."""
+
+    def __init__(self, client: AsyncClient, events_socket: str, types: tuple[str, ...] = ()):
+        self.client = client
+        self._open(zmq.asyncio.Context.instance(), events_socket, types)
+
+    async def recv(self, timeout: float = 1.0) -> dict | None:
+        """The next event, or None when none came within `timeout` seconds (0: only one already here)."""
+        while not self._pending:
+            if not await self._sock.poll(int(timeout * 1000)):
+                return None
+            ev, gap = self._take(await self._sock.recv_multipart())
+            if ev is not None and gap is None:
+                return ev
+            if ev is not None:
+                self._fill(await self.client.events_since(gap), gap, ev)
+        return self._pending.popleft()

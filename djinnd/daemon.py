@@ -1,11 +1,9 @@
 """djinnd's lifecycle: one daemon per socket, foreground (systemd Type=notify) or detached.
 
-The pidfile is locked with flock for the daemon's whole life: a second start finds it locked and
-refuses; a daemon killed with -9 leaves it unlocked, so its files are known stale and removed.
+The pidfile is locked for the daemon's whole life (pidfile.py).
 """
 
 import asyncio
-import fcntl
 import logging
 import os
 import signal
@@ -17,13 +15,10 @@ from pathlib import Path
 import zmq
 
 from . import logsetup, paths, sdnotify
+from .pidfile import AlreadyRunning, is_locked, lock_pidfile, read_pid
 from .sizes import parse_size
 
 log = logging.getLogger("djinnd")
-
-
-class AlreadyRunning(Exception):
-    pass
 
 
 def prepare_folder(sock: Path) -> None:
@@ -32,48 +27,6 @@ def prepare_folder(sock: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     if folder.stat().st_uid == os.getuid():
         os.chmod(folder, 0o700)
-
-
-def lock_pidfile(sock: Path):
-    """Take the daemon's pidfile lock, cleaning the files of a dead daemon; AlreadyRunning if one lives."""
-    pidfile = paths.pidfile(sock)
-    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); "
-                             f"stop it with `djinnd stop` first") from None
-    stale = [p for p in (sock, paths.events_socket(sock)) if p.exists()]
-    for p in stale:
-        p.unlink()
-    if stale or os.fstat(fd).st_size:
-        log.info("removed stale files of a daemon that did not stop cleanly: %s",
-                 ", ".join(str(p) for p in stale) or str(pidfile))
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def read_pid(sock: Path) -> int | None:
-    try:
-        return int(paths.pidfile(sock).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def is_locked(sock: Path) -> bool:
-    try:
-        fd = os.open(paths.pidfile(sock), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def default_capacity(device) -> int:
@@ -141,13 +94,16 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
     log.info("model %s loaded on %s in %.1f s (%s of weights, budget %s)", lm.name, dev, time.monotonic() - t0,
              lm.weights_bytes, budget)
 
+    from .plugins import scenario_catalog
     from .scenario_runs import ScenarioRuns
     from .service import Service
     old_umask = os.umask(0o077)
     try:
         ctx = zmq.Context.instance()
         bus.add_sink(PubSink(ctx, paths.endpoint(events_sock)))
-        service = Service(rt, bus, sock, events_sock, ScenarioRuns(sock, logs_dir, bus), logs_dir)
+        catalog = scenario_catalog()
+        runs = ScenarioRuns(sock, logs_dir, bus, catalog) if catalog else None
+        service = Service(rt, bus, sock, events_sock, runs, logs_dir)
         server = Server(service, paths.endpoint(sock), busy_poll_s=busy_poll_us / 1e6)
     finally:
         os.umask(old_umask)
@@ -180,7 +136,8 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
         sdnotify.notify("STOPPING=1")
         log.info("stopping: closing %d sessions", len(rt.sessions))
         await server.drain(5)
-        service.scenarios.abort_all()
+        if service.scenarios is not None:  # none without the scenarios package's catalog
+            service.scenarios.abort_all()
         await loop.run_in_executor(None, rt.close_all)
 
     try:

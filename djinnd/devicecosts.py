@@ -33,13 +33,13 @@ class DeviceCosts:
 def measure(lm) -> DeviceCosts:
     if lm.device.type != "cuda":
         return DeviceCosts()
-    from .kvcache import SlabCache, round_up
+    from .kvcache import SlabCache
 
     dev = lm.device
 
     def peak(tokens: int) -> int:
         cache = SlabCache(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype, dev)
-        cache.grow(round_up(tokens + 1))
+        cache.grow(cache.capacity_for(tokens))
         ids = torch.zeros((1, tokens), dtype=torch.long, device=dev)
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, TextIO
 
 from rich.text import Text
 
+from .sizes import format_size
+
 FORMATS = ("jsonl", "csv", "chrome-trace")
 CSV_COLUMNS = (
     "ts", "mono_ns", "used_bytes", "budget_bytes", "capacity_bytes",
@@ -249,23 +251,24 @@ def export(source, fmt: str, out_path: Path | None, since=None) -> tuple[int, Pa
     if isinstance(since, str):
         since = parse_since(since)
     events = read_events(Path(source), since)
-
-    def write(out: TextIO) -> int:
-        if fmt == "jsonl":
-            return to_jsonl(events, out)
-        if fmt == "csv":
-            return to_csv(events, out)
-        doc = to_chrome_trace(events)
-        json.dump(doc, out)
-        out.write("\n")
-        return len(doc["traceEvents"])
-
     if out_path is None:
-        return write(sys.stdout), None
+        return write_events(events, fmt, sys.stdout), None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w", encoding="utf-8", newline="") as f:
-        return write(f), out_path
+        return write_events(events, fmt, f), out_path
+
+
+def write_events(events: Iterable[dict], fmt: str, out: TextIO) -> int:
+    """Write `events` as `fmt`; the count as `export` says."""
+    if fmt == "jsonl":
+        return to_jsonl(events, out)
+    if fmt == "csv":
+        return to_csv(events, out)
+    doc = to_chrome_trace(events)
+    json.dump(doc, out)
+    out.write("\n")
+    return len(doc["traceEvents"])
 
 
 # ---------------------------------------------------------------- tail
@@ -275,15 +278,8 @@ STYLES = {"vram": "dim cyan", "swap_out": "magenta", "swap_in": "green", "sessio
 _SKIP = {"seq", "ts", "mono_ns", "type"}
 
 
-def human_bytes(n) -> str:
-    """Decimal units, matching the GB/s the daemon reports."""
-    if not _num(n):
-        return "?"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _size(n) -> str:
+    return format_size(n) if _num(n) else "?"
 
 
 def _fmt_num(v, spec: str, suffix: str) -> str:
@@ -295,17 +291,17 @@ def _details(ev: dict) -> str:
     g = ev.get
     if typ in ("swap_out", "swap_in"):
         arrow = "→" if typ == "swap_out" else "←"
-        s = (f"session {g('session')} {arrow} {g('tier', '?')} {human_bytes(g('bytes'))} "
+        s = (f"session {g('session')} {arrow} {g('tier', '?')} {_size(g('bytes'))} "
              f"{_fmt_num(g('ms'), '.1f', ' ms')} {_fmt_num(g('gbps'), '.1f', ' GB/s')}")
         return s + (f" ({g('reason')})" if g("reason") else "")
     if typ == "vram":
-        s = f"{human_bytes(g('used_bytes'))}/{human_bytes(g('budget_bytes'))}"
+        s = f"{_size(g('used_bytes'))}/{_size(g('budget_bytes'))}"
         if _num(g("peak_bytes")):
-            s += f" peak {human_bytes(g('peak_bytes'))}"
+            s += f" peak {_size(g('peak_bytes'))}"
         if _num(g("host_bytes")):
-            s += f" host {human_bytes(g('host_bytes'))}"
+            s += f" host {_size(g('host_bytes'))}"
         if g("disk_bytes"):
-            s += f" disk {human_bytes(g('disk_bytes'))}"
+            s += f" disk {_size(g('disk_bytes'))}"
         return s
     if typ == "session":
         extra = " ".join(f"{k}={g(k)}" for k in ("state", "layer", "qos", "location") if g(k) is not None)

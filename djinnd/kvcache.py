@@ -9,11 +9,7 @@ session paused mid-forward be swapped out and back.
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-GRANULE = 64  # tokens: capacity grows in whole granules
-
-
-def round_up(n: int, k: int = GRANULE) -> int:
-    return -(-n // k) * k
+from .charges import capacity_for
 
 
 class SlabLayer(DynamicLayer):
@@ -76,12 +72,8 @@ class SlabCache:
         return self.layers[0].length
 
     def capacity_for(self, tokens: int) -> int:
-        """Capacity to hold `tokens`: the current one if it fits, else a quarter more (amortised growth)."""
-        if tokens <= self.capacity:
-            return self.capacity
-        if self.capacity == 0:
-            return round_up(tokens + GRANULE)
-        return round_up(max(tokens, self.capacity + self.capacity // 4))
+        """Capacity to hold `tokens` (charges.capacity_for: the current one if it fits, else more)."""
+        return capacity_for(self.capacity, tokens)
 
     def grow(self, capacity: int) -> None:
         """Move to a larger slab (the caller has reserved its bytes), keeping the tokens held so far."""

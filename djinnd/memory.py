@@ -22,6 +22,7 @@ from collections import deque
 import torch
 
 from .protocol import DjinnError
+from .stats import percentile
 from .swappool import DiskTier, HostPool, Stored, u8
 
 QOS_RANK = {"batch": 0, "interactive": 1, "realtime": 2}
@@ -89,8 +90,8 @@ class MemoryManager:
         latencies = list(self.latencies)
         ms = sorted(m for _, m, _ in latencies)
         gbps = sorted(g for _, _, g in latencies)
-        out["latency_ms"] = {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "max": ms[-1] if ms else 0.0}
-        out["throughput_gbps"] = {"p50": _pct(gbps, 50)}
+        out["latency_ms"] = {"p50": percentile(ms, 50) or 0.0, "p99": percentile(ms, 99) or 0.0, "max": ms[-1] if ms else 0.0}
+        out["throughput_gbps"] = {"p50": percentile(gbps, 50) or 0.0}
         return out
 
     def register(self, s) -> None:
@@ -452,10 +453,3 @@ def _unique_storages(tensors) -> list[torch.UntypedStorage]:
 
 def _gbps(nbytes: int, ms: float) -> float:
     return round(nbytes / (ms * 1e6), 3) if ms > 0 else 0.0
-
-
-def _pct(values, p) -> float:
-    if not values:
-        return 0.0
-    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
-    return round(values[k], 3)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .charges import GRANULE, GROWTH, HELD_PER_TOKEN
+
 # transformers is imported inside the functions that use it: it takes ~2 s,
 # and the CLI reads PRESETS, cache_dir() and parse_dtype() without it.
 
@@ -97,6 +99,11 @@ class LoadedModel:
     kv_bytes_per_token: int
     cache_kwarg: str = "past_key_values"  # "cache" where transformers has renamed it
 
+    @property
+    def activation_bytes_per_token(self) -> int:
+        """What a paused forward holds per token beside its KV (charges.HELD_PER_TOKEN hidden vectors)."""
+        return HELD_PER_TOKEN * self.hidden_size * self.dtype.itemsize
+
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """The last position's logits of one forward over ``ids`` [1, n] that extends the KV ``cache``."""
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache})
@@ -143,6 +150,9 @@ class LoadedModel:
             "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "hidden_size": self.hidden_size,
+            # the charging rules (djinnd/charges.py), so that clients' capacity math is the daemon's
+            "activation_bytes_per_token": self.activation_bytes_per_token,
+            "kv_granule_tokens": GRANULE, "slab_growth": GROWTH,
         }
 
 

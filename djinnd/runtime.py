@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from . import devicecosts
-from .kvcache import GRANULE, round_up
+from .charges import capacity_for, held_bytes
 from .memory import MemoryManager
 from .prefetch import Prefetcher
 from .protocol import DjinnError
@@ -64,7 +64,7 @@ class Runtime:
             token_ids = self.lm.encode(prompt)
         if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):
             raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
-        first = round_up(len(token_ids) + GRANULE) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
+        first = capacity_for(0, len(token_ids)) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
         if self.mem.fixed + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
                              f"the budget leaves {self.mem.budget - self.mem.fixed} B beside the weights")
@@ -312,7 +312,7 @@ class Runtime:
 
     def _act_bytes(self, tokens: int) -> int:
         """What a forward over `tokens` new tokens holds at a pause: embeddings, layer input, layer output."""
-        return 3 * tokens * self.lm.hidden_size * self.lm.dtype.itemsize
+        return held_bytes(tokens, self.lm.activation_bytes_per_token)
 
     def _forward_bytes(self, tokens: int) -> int:
         """What it holds beside its KV while it computes: on CUDA also the temporaries measured at load."""

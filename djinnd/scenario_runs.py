@@ -1,10 +1,10 @@
-"""Scenario runs launched through the daemon (by the console): each is a `djinn scenario run`
-subprocess, a client like any other, which the daemon tracks and can abort."""
+"""Scenario runs launched through the daemon (by the console): each is a scenario-run subprocess,
+a client like any other, which the daemon tracks and can abort. The catalog, and the command that
+runs a scenario, are handed to the daemon (the `djinn.scenarios` entry point): it imports no scenario."""
 
 import itertools
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,25 +14,22 @@ from .telemetry import compact_stamp
 
 
 class ScenarioRuns:
-    def __init__(self, sock: Path, logs_dir: Path, bus):
+    def __init__(self, sock: Path, logs_dir: Path, bus, catalog: dict):
         self.sock, self.logs_dir, self.bus = sock, Path(logs_dir), bus
+        self._catalog, self._run = catalog["scenarios"], catalog["run"]
         self._runs: dict[int, dict] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
     def catalog(self) -> list[dict]:
-        from scenarios import catalog
-        return [{"name": sc.name, "description": sc.description, "params": sc.defaults_for("cpu")}
-                for sc in catalog.all_scenarios()]
+        return self._catalog
 
     def start(self, name: str, sets: dict) -> dict:
-        from scenarios import catalog
-        if catalog.find(name) is None:
+        if name not in {sc["name"] for sc in self._catalog}:
             raise DjinnError("unknown_scenario", f"unknown scenario {name!r}")
         run = next(self._ids)
         out = self.logs_dir / name / compact_stamp()
-        argv = [sys.executable, "-m", "djinnd.cli", "scenario", "run", name, "--headless", "--socket", str(self.sock),
-                "--output", str(out), "--run-id", str(run)]
+        argv = [*self._run, name, "--headless", "--socket", str(self.sock), "--output", str(out), "--run-id", str(run)]
         for k, v in sets.items():
             argv += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
         out.mkdir(parents=True, exist_ok=True)

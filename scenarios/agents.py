@@ -19,10 +19,9 @@ import random
 import threading
 import time
 
-from djinnd.client import Client, DjinnError
-from djinnd.sizes import format_size
+from djinnd import Client, DjinnError, estimate, format_size, percentile
 
-from .common import Skip, activation_bytes, kv_capacity_tokens, pct, prompt_ids, vocab_of
+from .common import Skip, prompt_ids, vocab_of
 
 POLICIES = ("semantic", "reactive", "hold")
 ON_THE_WAKE_UP_PATH = ("demand", "compute")  # swap-in reasons a request waits for (prefetch ones it does not)
@@ -38,10 +37,9 @@ def capacity_math(model: dict, p: dict, budget: int) -> dict:
     """An idle agent holds its KV slab; the one computing holds its activations too (the prefill's
     are the largest). Demand: every agent live at once."""
     n, decoded = p["agents"], p["turns"] * p["decode_tokens"]
-    weights, per_tok = model["weights_bytes"], model["kv_bytes_per_token"]
-    kv_tokens = kv_capacity_tokens(p["prompt_len"], decoded)
-    kv = kv_tokens * per_tok
-    act = activation_bytes(model, p["prompt_len"])
+    weights = model["weights_bytes"]
+    est = estimate(model, p["prompt_len"], decoded)
+    kv_tokens, kv, act = est["kv_capacity_tokens"], est["kv_bytes"], est["activation_bytes"]
     demand = weights + n * kv + act
     fit = max(0, (budget - weights - act) // kv) if kv else n
     return {"weights_bytes": weights, "kv_bytes_per_session": kv, "kv_capacity_tokens": kv_tokens,
@@ -230,11 +228,11 @@ def run_policy(ctx, p: dict, policy: str, workload: list[dict], vocab: int, prog
         "rejected": sum(r["status"] == "rejected" for r in records), "completed": completed,
         "failed": len(errors), "success_rate": round(completed / n, 4) if n else None,
         "peak_live_agents": live.peak, "wakeups": len(wake),
-        "wakeup_ms": {"p50": pct(wake, 50), "p90": pct(wake, 90), "p99": pct(wake, 99),
+        "wakeup_ms": {"p50": percentile(wake, 50), "p90": percentile(wake, 90), "p99": percentile(wake, 99),
                       "max": max(wake) if wake else None,
                       "mean": round(sum(wake) / len(wake), 3) if wake else None},
-        "first_token_ms": {"p50": pct(first, 50), "p99": pct(first, 99)},
-        "compute_signal_ms": {"p50": pct(sig, 50), "p99": pct(sig, 99)} if sig else None,
+        "first_token_ms": {"p50": percentile(first, 50), "p99": percentile(first, 99)},
+        "compute_signal_ms": {"p50": percentile(sig, 50), "p99": percentile(sig, 99)} if sig else None,
         "swap_outs": d["swap_outs"], "swap_ins": d["swap_ins"], "bytes_out": d["bytes_out"], "bytes_in": d["bytes_in"],
         "wakeups_that_swapped_in": paid, "swap_ins_on_demand": len(paid_ins),
         "wake_jumps": wake_jumps,  # first steps after a tool wait served ahead of an older decode step

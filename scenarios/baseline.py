@@ -6,10 +6,10 @@ that needs is measured from the tensors held (on CUDA: torch.cuda.max_memory_all
 real out-of-memory error ends it). Labelled a baseline in results.json; nothing here is djinn.
 """
 
-from djinnd.sizes import format_size
-from djinnd.telemetry import utc_stamp
+from djinnd import default_budget, default_capacity, format_size, utc_stamp
 
 from .common import prompt_ids, vocab_of
+from .exp3_plan import crit, effective, plan
 
 
 def _bytes(tensors) -> int:
@@ -25,10 +25,9 @@ def hold_all(ctx, p: dict):
     import torch
     from transformers import DynamicCache
 
-    from djinnd.daemon import default_budget, default_capacity
-    from djinnd.models import load_model
+    from djinnd import load_model
 
-    from .exp3 import _crit, effective, plan
+
 
     device = torch.device("cuda:0" if ctx.kind == "cuda" else "cpu")
     cuda = device.type == "cuda"
@@ -88,11 +87,11 @@ def hold_all(ctx, p: dict):
     vs["max_bytes"] = max(peak, vs["max_bytes"] or 0)
     reached = len(progression)
     criteria = [
-        _crit(ctx, "all_complete", f"held {reached} of {n} sessions"
+        crit(ctx, "all_complete", f"held {reached} of {n} sessions"
               + (f" (out of device memory at session {oom_at})" if oom_at else ""), reached == n),
-        _crit(ctx, "peak_under_budget", f"needed {format_size(peak)} vs budget {format_size(budget)}"
+        crit(ctx, "peak_under_budget", f"needed {format_size(peak)} vs budget {format_size(budget)}"
               + (f"; over the budget from session {over_at}" if over_at else ""), peak <= budget),
-        _crit(ctx, "swapping_when_needed", "plain PyTorch never swaps; the math "
+        crit(ctx, "swapping_when_needed", "plain PyTorch never swaps; the math "
               + ("says it must" if math["expected_swapping"] else "says all fit"), not math["expected_swapping"]),
         {"id": "integrity", "text": ctx.scenario.criteria["integrity"]["text"],
          "measured": "not checked: the baseline is the unpaused reference", "ok": None},

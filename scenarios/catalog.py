@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from djinnd.sizes import format_size, parse_size
+from djinnd import format_size, parse_size
 
 HERE = Path(__file__).parent
 KINDS = ("cpu", "cuda")
@@ -191,6 +192,14 @@ def _load(path: Path) -> Scenario:
         params[pname] = p
     return Scenario(name, data.get("title", name), data.get("description", ""), data["runner"], params,
                     data.get("criteria", {}), path)
+
+
+def for_daemon() -> dict:
+    """What a daemon serves and how it launches a run (handed to it through the `djinn.scenarios`
+    entry point, so that djinnd never imports this package)."""
+    return {"scenarios": [{"name": sc.name, "description": sc.description, "params": sc.defaults_for("cpu")}
+                          for sc in all_scenarios()],
+            "run": [sys.executable, "-m", "scenarios.cli", "run"]}
 
 
 def all_scenarios() -> list[Scenario]:

@@ -71,3 +71,7 @@ def run(
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # python -m scenarios.cli: what a daemon runs, and a source tree without an install
+    app(prog_name="djinn scenario")

@@ -1,15 +1,14 @@
-"""Helpers the scenarios share: prompts, breakpoints, the capacity math, percentiles.
+"""Helpers the scenarios share: prompts, breakpoints, the capacity math.
 
-The capacity math mirrors what the daemon charges a paused session (djinnd/kvcache.py and
-runtime._enter), so that "must it swap, and from which session on" is computed, not guessed;
-exp3 checks it against the bytes the daemon really charged.
+The capacity math is the daemon's own charging rules (`djinnd.estimate` over the figures `status`
+publishes), so that "must it swap, and from which session on" is computed, not guessed; exp3
+checks it against the bytes the daemon really charged.
 """
 
 import random
 import statistics
 
-GRANULE = 64  # djinnd.kvcache.GRANULE: KV capacity grows in whole granules of tokens
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+from djinnd import estimate
 
 
 class Skip(Exception):
@@ -38,33 +37,11 @@ def breakpoints(spec, num_layers: int) -> list[int]:
     return sorted(set(spec))
 
 
-def _round_up(n: int) -> int:
-    return -(-n // GRANULE) * GRANULE
-
-
-def kv_capacity_tokens(prompt_len: int, decoded: int = 1) -> int:
-    """The KV capacity a session of `prompt_len` has after decoding `decoded` tokens, as djinnd's
-    SlabCache grows it: the prompt rounded up to 64 plus 64 of headroom, then a quarter more
-    (rounded up) whenever a forward needs more."""
-    cap = _round_up(prompt_len + GRANULE)
-    for seq in range(prompt_len + 1, prompt_len + decoded):  # forward n (n >= 2) holds prompt_len + n - 1 tokens
-        if seq > cap:
-            cap = _round_up(max(seq, cap + cap // 4))
-    return cap
-
-
-def activation_bytes(model: dict, tokens: int) -> int:
-    """What djinnd charges a forward over `tokens` new tokens beside its KV: embeddings, layer input, layer output."""
-    return 3 * tokens * model["hidden_size"] * DTYPE_BYTES.get(model.get("dtype"), 4)
-
-
 def capacity_math(model: dict, sessions: int, prompt_len: int, budget: int) -> dict:
     """Weights + N x (KV slab + held activations) against the budget: whether swapping must happen, and when."""
     weights = model["weights_bytes"]
-    kv_tokens = kv_capacity_tokens(prompt_len)
-    kv = kv_tokens * model["kv_bytes_per_token"]
-    act = activation_bytes(model, prompt_len)
-    per = kv + act
+    est = estimate(model, prompt_len)
+    kv_tokens, kv, act, per = est["kv_capacity_tokens"], est["kv_bytes"], est["activation_bytes"], est["paused_bytes"]
     demand = weights + sessions * per
     fit = max(0, (budget - weights) // per) if per else sessions
     expected = demand > budget
@@ -95,14 +72,6 @@ def math_lines(m: dict, fmt) -> list[str]:
     else:
         lines.append("swapping         not needed: every session fits")
     return lines
-
-
-def pct(values, p: float):
-    """The p-th percentile (nearest rank) of `values`, None when empty."""
-    if not values:
-        return None
-    v = sorted(values)
-    return round(v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))], 3)
 
 
 def median(values):

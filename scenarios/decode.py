@@ -21,9 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from djinnd.sizes import format_size
+from djinnd import format_size, percentile
 
-from .common import capacity_math, median, pct, prompt_ids, vocab_of
+from .common import capacity_math, median, prompt_ids, vocab_of
 
 
 def needs_daemon(p: dict) -> bool:
@@ -31,7 +31,7 @@ def needs_daemon(p: dict) -> bool:
 
 
 def run(ctx, p: dict):
-    from djinnd.models import PRESETS, TINY, load_model, parse_dtype
+    from djinnd import load_model, parse_dtype
 
     c = ctx.client
     st = ctx.status()
@@ -42,7 +42,7 @@ def run(ctx, p: dict):
     math = capacity_math(model, 1, p["prompt_len"] + p["tokens"] + 1, ctx.budget)
     dev = st["device"]
     device = f"cuda:{dev['index'] or 0}" if dev["kind"] == "cuda" else "cpu"
-    source = model["name"] if model["name"] in PRESETS or model["name"] == TINY else (model["path"] or model["name"])
+    source = model["path"] or model["name"]  # the checkpoint folder it loaded, or a preset built on the device
     ctx.say(f"decode: {p['tokens']} tokens after a {p['prompt_len']}-token prompt, {p['repeats']} runs of each way; "
             f"loading {model['name']} in-process on {device} ({dev['dtype']}) for the in-process side")
     lm = load_model(source, device, parse_dtype(dev["dtype"]))
@@ -159,7 +159,7 @@ def _measure(ctx, p, c, model, ids, math, lm, floor_server):
         tps = [n / sum(lat) for _, lat in rs]
         lat_ms = [x * 1000 for _, lat in rs for x in lat]
         figures[w] = {"tokens_per_s": round(median(tps), 2), "runs_tokens_per_s": [round(x, 2) for x in tps],
-                      "latency_ms": {"p50": pct(lat_ms, 50), "p99": pct(lat_ms, 99),
+                      "latency_ms": {"p50": percentile(lat_ms, 50), "p99": percentile(lat_ms, 99),
                                      "mean": round(sum(lat_ms) / len(lat_ms), 3)}}
     # in-process is the faster of the main-thread and worker-thread loops, run by run: djinn is held to the best
     best = [max(a, b) for a, b in zip(figures["in_process"]["runs_tokens_per_s"],

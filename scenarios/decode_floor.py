@@ -18,7 +18,7 @@ def serve(source: str, device: str, dtype: str, endpoint: str) -> None:
     import zmq
     from transformers import DynamicCache
 
-    from djinnd.models import load_model, parse_dtype
+    from djinnd import load_model, parse_dtype
 
     if device == "cpu":
         torch.set_num_threads(1)  # as djinnd runs on the CPU

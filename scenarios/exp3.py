@@ -5,42 +5,14 @@ spawn, so demand exceeds the budget and the daemon must swap paused sessions out
 them resume and their tokens are compared with the same prompts run unpaused.
 """
 
-from djinnd.client import DjinnError
-from djinnd.sizes import format_size
-from djinnd.telemetry import utc_stamp
+from djinnd import DjinnError, format_size, utc_stamp
 
-from .common import Skip, breakpoints, capacity_math, math_lines, prompt_ids, vocab_of
+from .common import prompt_ids, vocab_of
+from .exp3_plan import crit, effective, fmt, plan
 
 
 def needs_daemon(p: dict) -> bool:
     return p["baseline"] == "none"
-
-
-def resolve_budget(p: dict, model: dict, daemon_budget: int) -> int:
-    """auto: weights + budget_fraction of the N sessions' bytes; daemon: its own; else the SIZE given."""
-    if p["budget"] == "auto":
-        m = capacity_math(model, p["sessions"], p["prompt_len"], 0)
-        return m["weights_bytes"] + int(p["budget_fraction"] * p["sessions"] * m["bytes_per_session"])
-    if p["budget"] == "daemon":
-        return daemon_budget
-    return p["budget"]
-
-
-def plan(ctx, p: dict, model: dict, daemon_budget: int) -> tuple[list[int], dict]:
-    """Breakpoints and the capacity math, printed; Skip when not even one session fits."""
-    layers = breakpoints(p["breakpoints"], model["num_layers"])
-    budget = resolve_budget(p, model, daemon_budget)
-    math = capacity_math(model, p["sessions"], p["prompt_len"], budget)
-    ctx.say(f"capacity math: {model['name']} ({model.get('dtype')}, {model['num_layers']} layers), "
-            f"{p['sessions']} sessions of {p['prompt_len']} tokens paused at layers {layers}")
-    for line in math_lines(math, format_size):
-        ctx.say("  " + line)
-    one = math["weights_bytes"] + math["bytes_per_session"]
-    if budget < one:
-        raise Skip(f"budget {format_size(budget)} is too small for even one session: weights "
-                   f"{format_size(math['weights_bytes'])} + one session {format_size(math['bytes_per_session'])}"
-                   f" = {format_size(one)}")
-    return layers, math
 
 
 def run_to_last_breakpoint(c, sid: int, layers: list[int]) -> list[dict]:
@@ -139,18 +111,18 @@ def run(ctx, p: dict):
     vs["max_bytes"] = peak
     device_peak = vs["allocator_peak_bytes"]  # on CUDA the device's own figure must keep under it too
     criteria = [
-        _crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
+        crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
               completed == n),
-        _crit(ctx, "peak_under_budget", f"peak {_fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})"
-              + (f"; the CUDA allocator's peak {_fmt(device_peak)} (reserved {_fmt(vs['allocator_reserved_peak_bytes'])})"
+        crit(ctx, "peak_under_budget", f"peak {fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})"
+              + (f"; the CUDA allocator's peak {fmt(device_peak)} (reserved {fmt(vs['allocator_reserved_peak_bytes'])})"
                  if device_peak is not None else ""),
               peak is not None and peak <= budget and (device_peak is None or device_peak <= budget)),
-        _crit(ctx, "swapping_when_needed",
+        crit(ctx, "swapping_when_needed",
               f"{m['swap']['swap_outs']} swap-outs, {m['swap']['swap_ins']} swap-ins; the math "
               + ("says it must swap from session " + str(math["swap_from_session"]) if math["expected_swapping"]
                  else "says all fit"),
               m["swapping_active"] or not math["expected_swapping"]),
-        _crit(ctx, "integrity", f"{mismatches} mismatches in {checked} sessions checked",
+        crit(ctx, "integrity", f"{mismatches} mismatches in {checked} sessions checked",
               mismatches == 0 and checked == completed and checked > 0),
     ]
     body = {"params": effective(p, layers, math), "capacity_math": math, "breakpoints": layers,
@@ -161,16 +133,3 @@ def run(ctx, p: dict):
             "errors": reasons, "sessions": records,
             "headline": {"first_swap_at": first_swap_at}, **m, "vram_stats": vs}
     return body, criteria
-
-
-def effective(p: dict, layers: list[int], math: dict) -> dict:
-    """The parameters as run: `auto` breakpoints and budget resolved (the rule kept beside)."""
-    return {**p, "breakpoints": layers, "budget": math["budget_bytes"], "budget_rule": p["budget"]}
-
-
-def _crit(ctx, cid: str, measured: str, ok) -> dict:
-    return {"id": cid, "text": ctx.scenario.criteria[cid]["text"], "measured": measured, "ok": ok}
-
-
-def _fmt(n) -> str:
-    return "unknown" if n is None else format_size(n)

@@ -17,12 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
-from djinnd import paths
-from djinnd.client import Client, DjinnError
-from djinnd.telemetry import compact_stamp, utc_stamp
+from djinnd import Client, DjinnError, compact_stamp, default_logs_dir, percentile, resolve_socket, utc_stamp
 
 from .catalog import Scenario
-from .common import Skip, pct
+from .common import Skip
 from .private import PrivateDaemon, PrivateDaemonError
 from .recorder import EventLog, Recorder
 
@@ -181,8 +179,8 @@ class Context:
             swap = {k: st["swap"][k] - self._status0["swap"][k] for k in swap}
         swaps = [] if local else self.log.of_type("swap_out", "swap_in", since_ns=self._t0_ns)
         ms = [e["ms"] for e in swaps]
-        swap["latency_ms"] = {"p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms) if ms else None}
-        swap["throughput_gbps"] = {"p50": pct([e["gbps"] for e in swaps if e.get("gbps")], 50)}
+        swap["latency_ms"] = {"p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms) if ms else None}
+        swap["throughput_gbps"] = {"p50": percentile([e["gbps"] for e in swaps if e.get("gbps")], 50)}
         swap["events_seen"] = len(swaps)
         if self.recorder is not None:
             swap["events_lost"] = self.recorder.lost
@@ -294,7 +292,7 @@ def local_kind(sets: dict) -> str:
 def out_folder(output: Path | None, name: str) -> Path:
     if output is not None:
         return Path(output)
-    base = paths.default_logs_dir() / name
+    base = default_logs_dir() / name
     stamp = compact_stamp()
     folder, n = base / stamp, 1
     while folder.exists():
@@ -320,7 +318,7 @@ def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, 
         if client is None and need:
             first = need[0]
             device = {"cpu": "cpu", "cuda": "cuda"}.get(first.get("device"), "auto")
-            ui.warn(f"no djinnd answers on {paths.resolve_socket(socket)}: starting a private one for this run "
+            ui.warn(f"no djinnd answers on {resolve_socket(socket)}: starting a private one for this run "
                     f"({first.get('model', 'tiny-llama')} on {device})")
             try:
                 budget = first.get("budget") if isinstance(first.get("budget"), int) else None

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from djinnd.client import Client, DjinnError
+from djinnd import Client, DjinnError
 
 
 class PrivateDaemonError(RuntimeError):

@@ -15,10 +15,9 @@ import random
 import threading
 import time
 
-from djinnd.client import Client, DjinnError
-from djinnd.sizes import format_size
+from djinnd import Client, DjinnError, estimate, format_size, parse_shares, percentile
 
-from .common import Skip, kv_capacity_tokens, pct, prompt_ids, vocab_of
+from .common import Skip, prompt_ids, vocab_of
 
 CLASSES = ("realtime", "interactive", "batch")
 CLIENT_TIMEOUT = 300.0
@@ -30,7 +29,6 @@ def needs_daemon(p: dict) -> bool:
 
 def on_settings(p: dict) -> dict:
     """scheduler.set parameters for QoS on (checked here, so a bad value is one clear line)."""
-    from djinnd.scheduler import parse_shares
     shares = p["shares"].strip()
     if shares.lower() in ("none", "", "priority"):
         shares = ""
@@ -128,7 +126,7 @@ def run_mode(ctx, p: dict, mode: str, clients: list[dict], vocab: int, progress)
         per_class[cls] = {
             "clients": len(recs), "requests": len(lat), "requests_expected": len(recs) * p["requests"],
             "failed_clients": sum(r["error"] is not None for r in recs),
-            "latency_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99),
+            "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
                            "max": max(lat) if lat else None, "mean": round(sum(lat) / len(lat), 3) if lat else None},
             "sla_ms": sla, "sla_violations": viol,
             "sla_violation_rate": round(viol / len(lat), 4) if viol is not None and lat else None,
@@ -161,7 +159,7 @@ def run(ctx, p: dict):
     on_settings(p)  # a bad 'shares' is a Skip before anything changes
     # capacity: every client's session (prompt + decoded tokens) resident at once, with room to spare
     per_tok, weights = model["kv_bytes_per_token"], model["weights_bytes"]
-    cap = kv_capacity_tokens(p["prompt_len"], 1 + p["requests"] * p["tokens"])
+    cap = estimate(model, p["prompt_len"], 1 + p["requests"] * p["tokens"])["kv_capacity_tokens"]
     kv = cap * per_tok
     demand = weights + len(clients) * kv
     budget = {"auto": weights + 2 * len(clients) * kv,

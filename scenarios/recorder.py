@@ -5,8 +5,7 @@ import json
 import threading
 import time
 
-from djinnd.client import Client, DjinnError
-from djinnd.telemetry import utc_stamp
+from djinnd import Client, DjinnError, utc_stamp
 
 
 class EventLog:

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from djinnd.sizes import format_size
+from djinnd import format_size
 
 LABELS = {"completed": "done", "requested": "of", "max_bytes": "peak", "budget_bytes": "budget",
           "swap_outs": "swap-outs", "first_swap_at": "1st swap", "wall_s": "wall s"}

@@ -39,16 +39,20 @@ def test_list_show_and_parameters():
     assert bad.returncode == 2 and "'soon' is not a number or one of none" in bad.stderr
 
 
-def test_capacity_math_follows_the_daemons_slab_growth():
-    from djinnd.kvcache import SlabCache
-    from scenarios.common import kv_capacity_tokens
-    for prompt, decoded in ((1536, 16), (512, 16), (60, 200), (100, 1000), (7, 1)):
-        cache = SlabCache(1, 1, 1, __import__("torch").float32, "cpu")
-        cap = cache.capacity_for(prompt)
-        for seq in range(prompt + 1, prompt + decoded):  # forward n >= 2 holds prompt + n - 1 tokens
-            cap = cache.capacity_for(seq) if seq > cap else cap
-            cache.capacity = cap
-        assert kv_capacity_tokens(prompt, decoded) == cap, (prompt, decoded)
+def test_the_estimate_over_the_published_rules_is_what_the_daemon_charges(daemon):
+    """The scenarios' capacity math (djinnd.estimate over status.model's charging rules) against the
+    bytes sessions really hold, as their slabs grow and while paused."""
+    from djinnd import estimate
+    with daemon.client() as c:
+        model = c.status()["model"]
+        for prompt, decoded in ((60, 200), (100, 70), (7, 1), (300, 16)):
+            sid = c.create_session(token_ids=[5] * prompt)
+            c.generate(sid, decoded)
+            assert c.session(sid)["device_bytes"] == estimate(model, prompt, decoded)["kv_bytes"], (prompt, decoded)
+            c.close(sid)
+        sid = c.create_session(token_ids=[5] * 100)
+        c.run_to(sid, layer=2)
+        assert c.session(sid)["device_bytes"] == estimate(model, 100)["paused_bytes"]
 
 
 def test_the_workload_is_one_seeded_draw():

@@ -188,9 +188,9 @@ def test_tail_lines():
     line = ex.tail_lines(swap(5, 10, "swap_out", 3))
     text = str(line)
     assert text.startswith("14:15:03.010 swap_out")
-    assert "session 3 → host 1.7 MB 0.8 ms 2.1 GB/s" in text
+    assert "session 3 → host 1.6 MiB 0.8 ms 2.1 GB/s" in text
     assert "\n" not in text
-    assert "1.0 GB/4.0 GB" in str(ex.tail_lines(vram(2, 1, 1_000_000_000)))
+    assert "953.7 MiB/3.7 GiB" in str(ex.tail_lines(vram(2, 1, 1_000_000_000)))
     assert "←" in str(ex.tail_lines(swap(8, 30, "swap_in", 1)))
     for e in EVENTS + [{"type": "mystery", "x": 1}, {}]:
         assert str(ex.tail_lines(e)).strip()

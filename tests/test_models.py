@@ -129,7 +129,8 @@ def test_sizes(cache):
     assert buffer_bytes < 1024  # only the rotary tables: weights are the parameters
     d = lm.describe()
     assert set(d) == {"name", "path", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
-                      "hidden_size"}
+                      "hidden_size", "activation_bytes_per_token", "kv_granule_tokens", "slab_growth"}
+    assert d["activation_bytes_per_token"] == 3 * lm.hidden_size * 4  # embeddings, layer input, output; fp32
     assert d["dtype"] == "float32" and d["name"] == "tiny-llama"
 
 
