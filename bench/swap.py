@@ -52,11 +52,12 @@ class Bus:
             self.last = fields
 
 
-def paused_session(lm, sid: int, size: int) -> Session:
-    """A real session, paused, whose KV slab is `size` bytes on the model's device."""
+def idle_session(mgr: MemoryManager, lm, sid: int, size: int) -> Session:
+    """A real session whose KV slab is `size` bytes on the model's device, charged in `mgr`'s books."""
     s = Session(sid, [0], "interactive", lm)
     s.cache.grow(size // s.cache.bytes_per_token)
-    s.state, s.charge = "paused", s.cache.nbytes
+    mgr.register(s)
+    mgr.reserve(s, s.cache.nbytes)
     return s
 
 
@@ -159,12 +160,11 @@ def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int,
     dev = mgr.device
     gen = torch.Generator(device=dev).manual_seed(sid)
     block = torch.randint(0, 256, (CHUNK,), dtype=torch.uint8, device=dev, generator=gen)
-    s = paused_session(lm, sid, size)
+    s = idle_session(mgr, lm, sid, size)
     slab = u8(s.cache.slab.untyped_storage())
     fill(slab, block)
     if mgr.cuda:
         torch.cuda.synchronize(dev)
-    mgr.register(s)
     rec = {k: [] for k in ("out", "in", "mgr_out", "mgr_in", "limit_out", "limit_in", "fresh_in")}
     try:
         for rep in range(reps + 1):

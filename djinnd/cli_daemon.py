@@ -32,53 +32,39 @@ def start(
     lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)"),
     busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a request answered on the I/O loop (a decode step, status), poll for the next this long before sleeping (0: off)"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the settings as the daemon would take them, and exit"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
+    from .config import DaemonConfig
     from .daemon import run_foreground, start_detached
     from .pidfile import is_locked, read_pid
-    from .sizes import parse_size
     sock = paths.resolve_socket(socket)
-    for name, value in (("--vram-budget", vram_budget), ("--host-pool", host_pool)):
-        if value is not None:
-            try:
-                parse_size(value)
-            except ValueError as e:
-                _fail(f"{name}: {e}", 2)
-    if qos not in ("on", "off"):
-        _fail("--qos must be on or off", 2)
-    shares = None
-    if qos_shares is not None:
-        from .scheduler import parse_shares
-        try:
-            shares = parse_shares(qos_shares)
-        except ValueError as e:
-            _fail(f"--qos-shares: {e}", 2)
-    if max_concurrency < 1:
-        _fail("--max-concurrency must be at least 1", 2)
-    if metrics_port is not None and not 0 <= metrics_port <= 65535:
-        _fail("--metrics-port must be 0-65535", 2)
-    if not 0 <= busy_poll_us <= 100_000:
-        _fail("--busy-poll-us must be 0-100000", 2)
+    try:
+        config = DaemonConfig.parse(
+            socket=sock, logs_dir=(logs or paths.default_logs_dir()).absolute(), device=device, model=model,
+            vram_budget=vram_budget, host_pool=host_pool, dtype=dtype, spill_dir=spill_dir, sample_hz=sample_hz,
+            qos=qos, escalation_ms=escalation_ms, qos_shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo,
+            metrics_port=metrics_port, busy_poll_us=busy_poll_us)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if print_config:
+        typer.echo(config.show())
+        return
     if is_locked(sock):
         _fail(f"djinnd is already running on {sock} (pid {read_pid(sock) or '?'}); stop it with `djinnd stop` first")
-    logs_dir = (logs or paths.default_logs_dir()).absolute()
     if detach:
         argv = [a for a in sys.argv[1:] if a not in ("start", "--detach")]
         if "--socket" not in argv:
             argv += ["--socket", str(sock)]
         if "--logs" not in argv:
-            argv += ["--logs", str(logs_dir)]
+            argv += ["--logs", str(config.logs_dir)]
         try:
-            pid = start_detached(argv, sock, logs_dir / "daemon" / "djinnd.log")
+            pid = start_detached(argv, sock, config.logs_dir / "daemon" / "djinnd.log")
         except RuntimeError as e:
             _fail(str(e))
         typer.echo(f"djinnd started (pid {pid}) on {sock}")
         return
-    code = run_foreground(sock, device, model, vram_budget, host_pool, dtype, logs_dir, spill_dir, sample_hz,
-                          qos_fcfs=qos == "off", escalation_ms=escalation_ms, qos_shares=shares,
-                          max_concurrency=max_concurrency, lifo=lifo, metrics_port=metrics_port,
-                          busy_poll_us=busy_poll_us)
-    raise typer.Exit(code)
+    raise typer.Exit(run_foreground(config))
 
 
 @app.command()

@@ -16,7 +16,6 @@ import zmq
 
 from . import logsetup, paths, sdnotify
 from .pidfile import AlreadyRunning, is_locked, lock_pidfile, read_pid
-from .sizes import parse_size
 
 log = logging.getLogger("djinnd")
 
@@ -51,85 +50,96 @@ def default_host_pool(device) -> int:
     return 1 << 30
 
 
-def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None, host_pool: str | None,
-                   dtype: str | None, logs_dir: Path, spill_dir: Path | None, sample_hz: float,
-                   qos_fcfs: bool = False, escalation_ms: float | None = None, qos_shares: dict | None = None,
-                   max_concurrency: int = 1, lifo: bool = False, metrics_port: int | None = None,
-                   busy_poll_us: float = 1000) -> int:
-    """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop."""
+def run_foreground(config) -> int:
+    """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop (config: a DaemonConfig)."""
     logsetup.setup()
     sys.setswitchinterval(0.001)  # hand the GIL over often: status must be answered while forwards run
+    sock = config.socket
     prepare_folder(sock)
     try:
         lock_fd = lock_pidfile(sock)
     except AlreadyRunning as e:
         log.error("%s", e)
         return 1
-    from .models import load_model, parse_dtype, resolve_device
-    from .runtime import Runtime
-    from .scheduler import DeviceLock
-    from .server import PubSink, Server, chmod_socket
-    from .telemetry import EventBus, FileSink, Sampler
-
-    events_sock = paths.events_socket(sock)
     try:
-        dev = resolve_device(device)
-        if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            import torch
-            torch.set_num_threads(1)  # sessions compute one at a time; more intra-op threads only contend
-        t0 = time.monotonic()
-        lm = load_model(model, dev, parse_dtype(dtype))
-        capacity = default_capacity(dev)
-        budget = parse_size(vram_budget) if vram_budget else default_budget(dev, capacity, lm.weights_bytes)
-        pool = parse_size(host_pool) if host_pool is not None else default_host_pool(dev)
-        bus = EventBus()
-        bus.add_sink(FileSink(logs_dir / "daemon", bus))
-        rt = Runtime(lm, bus, budget, pool, spill_dir or sock.parent / f"spill-{os.getpid()}", capacity,
-                     DeviceLock(fcfs=qos_fcfs, escalation_s=escalation_ms / 1000 if escalation_ms else None,
-                                shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo))
+        rt, bus = _runtime(config)
     except (ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         _cleanup(sock, lock_fd)
         return 2
+    try:
+        return _serve(config, rt, bus)
+    finally:
+        _cleanup(sock, lock_fd)
+        rt.mem.disk.cleanup()
+
+
+def _runtime(config):
+    """The model loaded, and the runtime over it with its budget, pools and scheduler."""
+    from .models import load_model, parse_dtype, resolve_device
+    from .runtime import Runtime
+    from .scheduler import DeviceLock
+    from .telemetry import EventBus, FileSink
+
+    dev = resolve_device(config.device)
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(1)  # sessions compute one at a time; more intra-op threads only contend
+    t0 = time.monotonic()
+    lm = load_model(config.model, dev, parse_dtype(config.dtype))
+    capacity = default_capacity(dev)
+    budget = config.vram_budget or default_budget(dev, capacity, lm.weights_bytes)
+    pool = config.host_pool if config.host_pool is not None else default_host_pool(dev)
+    bus = EventBus()
+    bus.add_sink(FileSink(config.logs_dir / "daemon", bus))
+    lock = DeviceLock(fcfs=config.qos == "off", escalation_s=config.escalation_ms / 1000 if config.escalation_ms else None,
+                      shares=config.qos_shares, max_concurrency=config.max_concurrency, lifo=config.lifo)
+    rt = Runtime(lm, bus, budget, pool, config.spill_dir or config.socket.parent / f"spill-{os.getpid()}", capacity, lock)
     log.info("model %s loaded on %s in %.1f s (%s of weights, budget %s)", lm.name, dev, time.monotonic() - t0,
              lm.weights_bytes, budget)
+    return rt, bus
 
+
+def _serve(config, rt, bus) -> int:
+    """The sockets, the metrics endpoint and the sampler around the runtime, until told to stop."""
     from .plugins import scenario_catalog
     from .scenario_runs import ScenarioRuns
+    from .server import PubSink, Server, chmod_socket
     from .service import Service
+    from .telemetry import Sampler
+
+    sock, events_sock = config.socket, paths.events_socket(config.socket)
     old_umask = os.umask(0o077)
     try:
-        ctx = zmq.Context.instance()
-        bus.add_sink(PubSink(ctx, paths.endpoint(events_sock)))
+        bus.add_sink(PubSink(zmq.Context.instance(), paths.endpoint(events_sock)))
         catalog = scenario_catalog()
-        runs = ScenarioRuns(sock, logs_dir, bus, catalog) if catalog else None
-        service = Service(rt, bus, sock, events_sock, runs, logs_dir)
-        server = Server(service, paths.endpoint(sock), busy_poll_s=busy_poll_us / 1e6)
+        runs = ScenarioRuns(sock, config.logs_dir, bus, catalog) if catalog else None
+        service = Service(rt, bus, sock, events_sock, runs, config.logs_dir)
+        server = Server(service, paths.endpoint(sock), busy_poll_s=config.busy_poll_us / 1e6)
     finally:
         os.umask(old_umask)
     chmod_socket(sock)
     chmod_socket(events_sock)
     metrics = None
-    if metrics_port is not None:
+    if config.metrics_port is not None:
         from .metrics import MetricsServer
         try:
-            metrics = MetricsServer(service, metrics_port)
+            metrics = MetricsServer(service, config.metrics_port)
         except OSError as e:
-            log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, e)
+            log.error("cannot serve metrics on 127.0.0.1:%d: %s", config.metrics_port, e)
             server.close()
             bus.close()
-            _cleanup(sock, lock_fd)
             return 2
         service.metrics_url = metrics.url
         metrics.start()
-    sampler = Sampler(bus, rt.mem, dev, sample_hz)
+    sampler = Sampler(bus, rt.mem, rt.lm.device, config.sample_hz)
     sampler.start()
 
     async def main():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.stop)
-        bus.emit("daemon", action="started", pid=os.getpid(), socket=str(sock), model=lm.name, device=str(dev))
+        bus.emit("daemon", action="started", pid=os.getpid(), socket=str(sock), model=rt.lm.name, device=str(rt.lm.device))
         sdnotify.notify("READY=1\nSTATUS=serving")
         log.info("serving on %s (events on %s)", sock, events_sock)
         await server.serve()
@@ -149,8 +159,6 @@ def run_foreground(sock: Path, device: str, model: str, vram_budget: str | None,
         bus.emit("daemon", action="stopped", pid=os.getpid())
         bus.close()
         server.close()
-        _cleanup(sock, lock_fd)
-        rt.mem.disk.cleanup()
     log.info("stopped")
     return 0
 

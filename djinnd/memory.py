@@ -22,16 +22,15 @@ from collections import deque
 import torch
 
 from .protocol import DjinnError
+from .scheduler import QOS_RANK
+from .session import State
 from .stats import percentile
 from .swappool import DiskTier, HostPool, Stored, u8
-
-QOS_RANK = {"batch": 0, "interactive": 1, "realtime": 2}
-
 
 def coldness(s) -> tuple:
     """Eviction order, lowest first: waiting on I/O; then paused or idle before a forward queued for
     the device; then batch < interactive < realtime; then least recently used."""
-    return (s.phase != "IO_WAIT", s.state == "running", QOS_RANK.get(s.qos, 1), s.last_used)
+    return (s.phase != "IO_WAIT", s.state == State.RUNNING, -QOS_RANK.get(s.qos, 1), s.last_used)
 
 
 class MemoryManager:

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 from .memory import coldness
 from .protocol import DjinnError
+from .session import State
 
 COUNTERS = ("prefetch_scheduled", "prefetch_done", "prefetch_hits", "prefetch_misses")
 DEFAULT_GBPS = 1.0  # swap throughput assumed until one has been measured
@@ -80,17 +81,18 @@ class Prefetcher:
     # -- signals ---------------------------------------------------------------------------------
     def io_wait(self, s, expected_ms, signalled: float) -> None:
         """The session waits on I/O: swap it out now under pressure, and plan its prefetch."""
+        s.phase = "IO_WAIT"  # first to leave the device
         mem = self.mem
         with mem.lock:
             nbytes = s.stored.nbytes if s.stored is not None else s.charge
             lead = self.lead_ms(nbytes, expected_ms or 0)
             round_trip_pays = expected_ms is None or expected_ms > 2 * lead
-            if round_trip_pays and mem.swap_enabled and self.pressure() and s.state in ("idle", "paused"):
+            if round_trip_pays and mem.swap_enabled and self.pressure() and s.state in (State.IDLE, State.PAUSED):
                 self._swap_out(s)
             swaps = s.swaps if s.stored is None else None
         with self._cond:
             self._waits.pop(s.id, None)  # a second IO_WAIT replaces the first
-            if expected_ms is None or s.state == "running":
+            if expected_ms is None or s.state == State.RUNNING:
                 return
             at = signalled + max(0.0, expected_ms - lead) / 1000
             w = _Wait(s, signalled, expected_ms, at, next(self._tokens), swaps)
@@ -102,8 +104,9 @@ class Prefetcher:
 
     def compute(self, s) -> None:
         """The session computes again: settle its IO_WAIT and bring it back now if it is out."""
+        s.phase = "COMPUTE"
         self._settle(s, "compute")
-        s.last_used = time.monotonic()  # about to compute: the last to be evicted of its class
+        s.touch()  # about to compute: the last to be evicted of its class
         if s.stored is None:
             return  # resident: a no-op, without waiting on the memory lock (a swap may hold it)
         with self.mem.lock:
@@ -153,7 +156,7 @@ class Prefetcher:
                 with self._cond:
                     self._waits.pop(s.id, None)
                 return
-            if s.state == "running":
+            if s.state == State.RUNNING:
                 return  # woke up early: its forward settles the wait
             was_out = s.stored is not None
             ok = self._bring_in(s, "prefetch")
@@ -206,11 +209,11 @@ class Prefetcher:
         False when that leaves no room. Holds mem.lock."""
         mem = self.mem
         if s.stored is None:
-            s.last_used = time.monotonic()
+            s.touch()
             return True
         need = s.stored.charge
         # its place in the eviction order as it will be: about to compute (not waiting, not queued), just used
-        mine = coldness(SimpleNamespace(phase="COMPUTE", state="idle", qos=s.qos, last_used=time.monotonic()))
+        mine = coldness(SimpleNamespace(phase="COMPUTE", state=State.IDLE, qos=s.qos, last_used=time.monotonic()))
         with self._cond:
             wakes = {sid: w.signalled + w.expected_ms / 1000 for sid, w in self._waits.items()}
         my_wake = wakes.get(s.id, time.monotonic())
@@ -229,7 +232,7 @@ class Prefetcher:
             mem.swap_in(s, reason=reason, make_room=False)  # it fits, unless a forward took the room meanwhile
         except DjinnError:
             return False
-        s.last_used = time.monotonic()
+        s.touch()
         return True
 
     # -- reporting -----------------------------------------------------------------------------------

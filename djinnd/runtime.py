@@ -23,7 +23,7 @@ from .memory import MemoryManager
 from .prefetch import Prefetcher
 from .protocol import DjinnError
 from .scheduler import DeviceLock
-from .session import Aborted, Session
+from .session import Aborted, Session, State
 
 _running: contextvars.ContextVar = contextvars.ContextVar("djinn_session", default=None)
 MAX_VALUES = 1 << 16  # elements an inspect may return
@@ -92,7 +92,7 @@ class Runtime:
             s.closing = True  # no forward starts from now on; one running stops at its next layer
         with s.op_lock:  # its caller, who holds it, has its answer first
             with s.cond:
-                s.cond.wait_for(lambda: s.state != "running", 120)
+                s.cond.wait_for(lambda: s.state != State.RUNNING, 120)
                 s.abort_requested = True
                 s.cond.notify_all()
             if s.thread is not None:
@@ -102,7 +102,7 @@ class Runtime:
         self.mem.unregister(s)
         s.cache.release()
         s.held, s.hidden, s.embeds = [], None, None
-        s.state = "closed"
+        s.state = State.CLOSED
         self._event(s, "closed")
 
     def close_all(self) -> None:
@@ -149,7 +149,7 @@ class Runtime:
                     if not self._steppable(s):  # another request's forward came first
                         self.device_lock.release()
                         return None
-                    s.state, s.breakpoints, s.error, s.token = "running", [], None, None
+                    s.state, s.breakpoints, s.error, s.token = State.RUNNING, [], None, None
                     s.forward_pinned, s.act_charge, act = True, act, 0  # the forward's end gives both back
                 return self._forward(s, holding=True)
             finally:
@@ -161,7 +161,7 @@ class Runtime:
     @staticmethod
     def _steppable(s: Session) -> bool:
         """Idle, with one token to decode, and room for it in its KV slab."""
-        return (s.state == "idle" and not s.closing and len(s.pending) == 1
+        return (s.state == State.IDLE and not s.closing and len(s.pending) == 1
                 and s.cache.capacity_for(s.cache.seq_len + 1) <= s.cache.capacity)
 
     def run_to(self, sid, layers) -> dict:
@@ -176,7 +176,7 @@ class Runtime:
         s = self.get(sid)
         with s.op_lock:  # inspect, patch and close wait until it has paused again or finished
             with s.cond:
-                if s.state != "paused" or s.closing:
+                if s.state != State.PAUSED or s.closing:
                     raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
                 s.error = None
                 s.resume_requested = True
@@ -192,7 +192,7 @@ class Runtime:
         try:
             with s.cond:
                 self._check_idle(s)
-                s.state, s.breakpoints, s.error, s.token = "running", breakpoints, None, None
+                s.state, s.breakpoints, s.error, s.token = State.RUNNING, breakpoints, None, None
                 if breakpoints:  # it may pause: a thread of its own, which waits there for resume
                     s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
                     s.thread.start()
@@ -206,19 +206,19 @@ class Runtime:
     def _check_idle(s: Session) -> None:
         if s.closing:
             raise DjinnError("unknown_session", f"session {s.id} is closing")
-        if s.state != "idle":
-            where = f" at layer {s.layer}; resume it first" if s.state == "paused" else ""
+        if s.state != State.IDLE:
+            where = f" at layer {s.layer}; resume it first" if s.state == State.PAUSED else ""
             raise DjinnError("bad_state", f"session {s.id} is {s.state}{where}")
 
     def _wait(self, s: Session, resumed: bool = False) -> dict:
         with s.cond:
             if resumed:
                 s.cond.wait_for(lambda: not s.resume_requested)
-            s.cond.wait_for(lambda: s.state != "running" or s.error is not None)
+            s.cond.wait_for(lambda: s.state != State.RUNNING or s.error is not None)
             if s.error is not None:
                 err, s.error = s.error, None
                 raise _as_djinn_error(s, err)
-            if s.state == "paused":
+            if s.state == State.PAUSED:
                 return {"state": "paused", "layer": s.layer}
             return {"state": s.state, "token": s.token}
 
@@ -242,7 +242,8 @@ class Runtime:
                 layer.length = start_len
             outcome = e
         with s.cond:
-            s.state, s.layer, s.last_used = "idle", None, time.monotonic()
+            s.state, s.layer = State.IDLE, None
+            s.touch()
             s.resume_requested = False
             if isinstance(outcome, Exception) and not inline:
                 s.error = outcome
@@ -308,7 +309,7 @@ class Runtime:
             act = self._forward_bytes(new_tokens)
             self.mem.reserve(s, act)
             s.act_charge = act
-        s.last_used = time.monotonic()
+        s.touch()
 
     def _act_bytes(self, tokens: int) -> int:
         """What a forward over `tokens` new tokens holds at a pause: embeddings, layer input, layer output."""
@@ -413,7 +414,8 @@ class Runtime:
         self.device_lock.release()
         self._event(s, "paused", layer=index, state="paused")
         with s.cond:  # last: a failure before this answers the caller as the forward's error
-            s.state, s.layer, s.last_used = "paused", index, time.monotonic()
+            s.state, s.layer = State.PAUSED, index
+            s.touch()
             s.cond.notify_all()
         while True:
             with s.cond:
@@ -434,8 +436,8 @@ class Runtime:
                     s.error, s.resume_requested = e, False
                     s.cond.notify_all()
         with s.cond:
-            s.state, s.layer, s.resume_requested = "running", None, False
-            s.last_used = time.monotonic()
+            s.state, s.layer, s.resume_requested = State.RUNNING, None, False
+            s.touch()
             s.cond.notify_all()
         self.prefetch.computing(s)
         self._event(s, "resumed", layer=index)
@@ -471,12 +473,12 @@ class Runtime:
     def _paused_resident(self, s: Session):
         """Hold `s` paused and on the device while inspect or patch acts on its hidden state."""
         with s.op_lock:
-            if s.state != "paused" or s.hidden is None or s.closing:
+            if s.state != State.PAUSED or s.hidden is None or s.closing:
                 raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
             self.mem.pin(s)
             try:
                 self.mem.swap_in(s, reason="inspect")
-                s.last_used = time.monotonic()
+                s.touch()
                 yield
             finally:
                 self.mem.unpin(s)
@@ -520,7 +522,6 @@ class Runtime:
         s = self.get(sid)
         now = time.monotonic()
         s.waking = s.waking or phase == "IO_WAIT"
-        s.phase = phase
         self._event(s, "phase", phase=phase, expected_ms=expected_ms)
         if phase == "IO_WAIT":  # first to leave the device (at once under pressure), back before it is due
             self.prefetch.io_wait(s, expected_ms, now)

@@ -30,7 +30,7 @@ import time
 
 QOS_CLASSES = ("realtime", "interactive", "batch")
 _SETTINGS = ("fcfs", "escalation_s", "shares", "max_concurrency", "lifo", "wake_first")
-_RANK = {"realtime": 0, "interactive": 1, "batch": 2}
+QOS_RANK = {c: i for i, c in enumerate(QOS_CLASSES)}  # 0: the most urgent
 
 
 def parse_shares(text: str) -> dict[str, float]:
@@ -39,7 +39,7 @@ def parse_shares(text: str) -> dict[str, float]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, eq, value = part.partition("=")
         name = name.strip()
-        if not eq or name not in _RANK:
+        if not eq or name not in QOS_RANK:
             raise ValueError(f"bad share {part!r}: write CLASS=WEIGHT with CLASS one of {', '.join(QOS_CLASSES)}")
         try:
             w = float(value)
@@ -106,7 +106,7 @@ class DeviceLock:
         """Take a slot, waiting for the policy to grant one; with wait=False only if one is free and
         nobody waits (False otherwise: the caller must not block). `waking`: the session's first
         step after a tool wait."""
-        qos = qos if qos in _RANK else "interactive"
+        qos = qos if qos in QOS_RANK else "interactive"
         with self._cond:
             if not wait and (self._waiting or self._in_flight >= self.max_concurrency):
                 return False
@@ -212,9 +212,9 @@ class DeviceLock:
                     return min(late, key=lambda w: w.n)
             present = {w.qos for w in ws}
             if self.shares:
-                cls = min(present, key=lambda c: (self._pass[c], _RANK[c]))
+                cls = min(present, key=lambda c: (self._pass[c], QOS_RANK[c]))
             else:
-                cls = min(present, key=_RANK.__getitem__)
+                cls = min(present, key=QOS_RANK.__getitem__)
             ws = [w for w in ws if w.qos == cls]
             if any(w.short for w in ws):
                 ws = [w for w in ws if w.short]

@@ -332,3 +332,15 @@ def test_a_model_whose_forward_fails_gets_an_error_reply_and_the_daemon_still_st
         assert c.session(sid)["state"] == "idle"
         assert c.status()["sessions"] == 1
     assert d.stop(timeout=30) == 0
+
+
+def test_print_config_shows_the_settings_as_the_daemon_would_take_them_and_starts_nothing(tmp_path):
+    sock = tmp_path / "run" / "d.sock"
+    out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--socket", str(sock), "--print-config",
+                          "--vram-budget", "2GiB", "--qos", "off", "--max-concurrency", "2"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert config["vram_budget"] == 2 << 30 and config["qos"] == "off" and config["max_concurrency"] == 2
+    assert config["socket"] == str(sock) and config["model"] == "tiny-llama"
+    assert not sock.parent.exists()
