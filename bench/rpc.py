@@ -12,7 +12,6 @@ server a process of its own, and the ping's ratio to it.
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,46 +27,7 @@ import zmq  # noqa: E402
 
 from bench.common import load_line, machine_line  # noqa: E402
 from djinnd import protocol  # noqa: E402
-from djinnd import Client, DjinnError, percentile  # noqa: E402
-
-
-class PrivateDaemon:
-    """`djinnd start` in the foreground as a child process, on a short socket path of its own."""
-
-    def __init__(self, *args: str):
-        self.folder = Path(tempfile.mkdtemp(prefix="djb", dir="/tmp"))  # ipc paths must stay short
-        self.socket = self.folder / "run" / "djinnd.sock"
-        cmd = [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket),
-               "--logs", str(self.folder / "logs"), *args]
-        self.log = open(self.folder / "djinnd.out", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"djinnd exited {self.proc.returncode}: "
-                                   + (self.folder / "djinnd.out").read_text()[-2000:])
-            if self.socket.exists():
-                try:
-                    with Client(self.socket, timeout=2) as c:
-                        c.ping()
-                    return
-                except DjinnError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError("djinnd did not start in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+from djinnd import Client, PrivateDaemon, percentile  # noqa: E402
 
 
 def ping_loop(socket, n: int, warmup: int) -> tuple[list[float], float]:
@@ -171,7 +131,7 @@ def main(argv=None) -> int:
     try:
         if daemon:
             t = time.perf_counter()
-            daemon.wait_ready()
+            daemon.start()
             print(f"private daemon on {socket} (tiny-llama, cpu), ready in {time.perf_counter() - t:.1f} s")
         with Client(socket, timeout=10) as c:
             st = c.status()
@@ -189,7 +149,7 @@ def main(argv=None) -> int:
         rows.append(("bare zmq echo", echo))
     finally:
         if daemon:
-            daemon.stop()
+            daemon.remove()
 
     print(f"\nping round trip, {args.n} timed requests per client after {args.warmup} warm-up")
     print(f"{'run':<18} {'requests':>8} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>9} {'req/s':>9}")

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from bench.common import load_line, machine_line  # noqa: E402
-from bench.rpc import PrivateDaemon  # noqa: E402
+from djinnd import PrivateDaemon  # noqa: E402
 from djinnd.client import Client  # noqa: E402
 
 PROMPT = list(range(5, 37))
@@ -99,8 +99,7 @@ class Served:
         ctx = mp.get_context("spawn")
         self.proc = self.sock = self.shm = self.daemon = None
         if way == "djinnd per call":
-            self.daemon = PrivateDaemon("--device", "cpu")
-            self.daemon.wait_ready()
+            self.daemon = PrivateDaemon("--device", "cpu").start()
             self.client, self.sid = Client(self.daemon.socket), None
             self.call = self._djinnd
             return
@@ -144,7 +143,7 @@ class Served:
     def close(self) -> None:
         if self.daemon:
             self.client.close_socket()
-            self.daemon.stop()
+            self.daemon.remove()
         if self.proc:
             self.proc.kill()
             self.proc.join()

@@ -17,11 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
-from djinnd import Client, DjinnError, compact_stamp, default_logs_dir, percentile, resolve_socket, utc_stamp
+from djinnd import (Client, DjinnError, PrivateDaemon, PrivateDaemonError, compact_stamp, default_logs_dir, percentile,
+                    resolve_socket, utc_stamp)
 
 from .catalog import Scenario
 from .common import Skip
-from .private import PrivateDaemon, PrivateDaemonError
 from .recorder import EventLog, Recorder
 
 EXIT = {"pass": 0, "fail": 1, "skipped": 2, "error": 2}
@@ -321,8 +321,10 @@ def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, 
             ui.warn(f"no djinnd answers on {resolve_socket(socket)}: starting a private one for this run "
                     f"({first.get('model', 'tiny-llama')} on {device})")
             try:
-                budget = first.get("budget") if isinstance(first.get("budget"), int) else None
-                private = PrivateDaemon(root, device, first.get("model"), budget).start()
+                args = ["--device", device] + (["--model", first["model"]] if first.get("model") else [])
+                if isinstance(first.get("budget"), int):
+                    args += ["--vram-budget", str(first["budget"])]
+                private = PrivateDaemon(*args, logs=root).start(timeout=900)  # a 13B model loads for minutes
                 client = Client(private.socket)
             except PrivateDaemonError as e:
                 problem = str(e)
@@ -341,7 +343,7 @@ def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, 
         if client is not None:
             client.close_socket()
         if private is not None:
-            private.stop()
+            private.remove()
     if not sweep:
         return EXIT[runs[0]["status"]], runs[0]
     summary = _summary(sc, sets, runs, root)

@@ -2,17 +2,14 @@
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from djinnd.client import Client, DjinnError
+from djinnd import PrivateDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,37 +29,11 @@ def djinn_cache(tmp_path_factory):
     return cache
 
 
-class Daemon:
-    """djinnd started in the foreground as a child process; `stop()` ends it."""
+class Daemon(PrivateDaemon):
+    """djinnd started in the foreground as a child process (djinnd.PrivateDaemon), with the CLIs at hand."""
 
-    def __init__(self, *args: str, folder: Path | None = None, env: dict | None = None):
-        # ipc paths must stay under ~100 bytes, so not pytest's long tmp_path
-        self.folder = folder or Path(tempfile.mkdtemp(prefix="dj", dir="/tmp"))
-        self.socket = self.folder / "run" / "djinnd.sock"
-        self.logs = self.folder / "logs"
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.proc = None
-
-    def start(self, timeout: float = 60.0) -> "Daemon":
-        cmd = [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket), "--logs", str(self.logs), *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"djinnd exited {self.proc.returncode}: {self.proc.stdout.read().decode()[-2000:]}")
-            if self.socket.exists():
-                try:
-                    with self.client(timeout=2) as c:
-                        c.ping()
-                    return self
-                except DjinnError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError("djinnd did not start in time")
-
-    def client(self, timeout: float = 120.0) -> Client:
-        return Client(self.socket, timeout=timeout)
+    def start(self, timeout: float = 120.0) -> "Daemon":
+        return super().start(timeout)
 
     def run(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run a CLI (djinn / djinnd) against this daemon."""
@@ -70,23 +41,6 @@ class Daemon:
         module = {"djinn": "djinnd.cli", "djinnd": "djinnd"}[tool]
         return subprocess.run([sys.executable, "-m", module, *rest], capture_output=True, text=True, timeout=timeout,
                               env={**self.env, "DJINN_SOCKET": str(self.socket)}, cwd=ROOT)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def cleanup(self):
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -101,7 +55,7 @@ def make_daemon():
 
     yield make
     for d in started:
-        d.cleanup()
+        d.remove()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ def shared():
     d = Daemon("--device", "cpu", "--qos-shares", "realtime=0.2,interactive=0.5,batch=0.3", "--max-concurrency", "2",
                "--lifo", "--escalation-ms", "400").start()
     yield d
-    d.cleanup()
+    d.remove()
 
 
 def test_list_show_and_parameters():

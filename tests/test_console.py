@@ -45,7 +45,7 @@ def daemon(djinn_cache):
     """One CPU daemon for this module's attach/swap/export/exp3 tests: a start costs seconds on 2 cores."""
     d = Daemon("--device", "cpu").start()
     yield d
-    d.cleanup()
+    d.remove()
 
 
 @pytest.mark.asyncio

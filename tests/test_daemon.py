@@ -67,7 +67,7 @@ def test_sigterm_stops_cleanly_with_exit_code_0(daemon):
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(60) == 0
     assert not daemon.socket.exists()
-    log = daemon.proc.stdout.read().decode()
+    log = daemon.output()
     assert "stopped" in log
 
 
@@ -133,7 +133,7 @@ def test_systemd_notify_ready_and_stopping(tmp_path):
         d.stop()
         assert b"STOPPING=1" in listener.recv(256)
     finally:
-        d.cleanup()
+        d.remove()
         listener.close()
         os.unlink(addr)
 
@@ -143,11 +143,11 @@ def test_journald_style_logs_have_no_timestamps_under_journald():
     try:
         d.start()
         d.stop()
-        lines = d.proc.stdout.read().decode().splitlines()
+        lines = d.output().splitlines()
         assert lines and all(line.startswith("<") for line in lines), lines[:3]
         assert any(line.startswith("<6>djinnd") for line in lines)
     finally:
-        d.cleanup()
+        d.remove()
 
 
 def test_no_daemon_is_a_clear_error(tmp_path):

@@ -22,7 +22,7 @@ def djinnd(djinn_cache):
     # 10-80 ms instead of 0.05 (OpenMP threads wait on each other), which swamps swap timings.
     d = Daemon("--device", "cpu", env={"OMP_NUM_THREADS": "1"}).start()
     yield d
-    d.cleanup()
+    d.remove()
 
 
 @pytest.fixture

@@ -1,0 +1,99 @@
+"""djinnd in a child process of its own, for one run: a scenario with no daemon to use, a test, a
+benchmark. It serves on a short socket under /tmp (ipc paths must stay under ~100 bytes), writes
+its output to logs/daemon/djinnd.log, and is stopped the way systemd stops it (SIGTERM)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .client import Client
+from .protocol import DjinnError
+
+
+class PrivateDaemonError(RuntimeError):
+    """It could not start; the message is its last log line."""
+
+
+class PrivateDaemon:
+    """`with PrivateDaemon("--device", "cpu") as d: d.client()`; `start()` returns once it serves."""
+
+    def __init__(self, *args: str, logs: Path | None = None, folder: Path | None = None, env: dict | None = None):
+        self._own_folder = folder is None  # another's (a restart on its socket) is left as it is
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="dj", dir="/tmp"))
+        self.socket = self.folder / "run" / "djinnd.sock"
+        self.logs = Path(logs) if logs else self.folder / "logs"
+        self.log_file = self.logs / "daemon" / "djinnd.log"
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> "PrivateDaemon":
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket), "--logs", str(self.logs),
+                 *self.args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                why = self._last_line()
+                self.remove()
+                raise PrivateDaemonError(f"djinnd exited ({self.proc.returncode}): {why}")
+            if self.socket.exists():
+                try:
+                    with Client(self.socket, timeout=2) as c:
+                        c.ping()
+                    return self
+                except DjinnError:
+                    pass
+            time.sleep(0.05)
+        self.remove()
+        raise PrivateDaemonError(f"djinnd did not serve within {timeout:.0f} s")
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def output(self) -> str:
+        """What it printed (its log) so far."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _last_line(self) -> str:
+        lines = [ln for ln in self.output().splitlines() if ln.strip()]
+        line = lines[-1] if lines else "no output"
+        return line.split(": ", 1)[-1] if "cannot start" in line else line
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, and its exit code once it is gone (killed after `timeout` seconds)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def remove(self) -> None:
+        """Stop it and remove its folder (if it made it)."""
+        try:
+            self.stop()
+        finally:
+            if self._own_folder:
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "PrivateDaemon":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
