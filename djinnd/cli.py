@@ -110,6 +110,19 @@ def session_inspect(sid: int, socket: str = SocketOpt):
     _out(_call(socket, lambda c: c.inspect(sid)))
 
 
+@session_app.command("lens")
+def session_lens(sid: int, top_k: int = typer.Option(5, "--top-k", help="how many tokens"),
+                 position: int = typer.Option(-1, "--position", help="token position of the paused forward (-1: the last)"),
+                 socket: str = SocketOpt, as_json: bool = JsonOpt):
+    """At a pause: the next tokens the paused hidden state predicts (the logit lens)."""
+    got = _call(socket, lambda c: c.lens(sid, top_k, position))
+    if as_json:
+        return _out(got)
+    typer.echo(f"layer {got['layer']}, position {got['position']}:")
+    for t in got["top"]:
+        typer.echo(f"  {t['prob']:7.2%}  {t['token']:>6}  {t['text']!r}")
+
+
 @session_app.command("patch")
 def session_patch(sid: int, op: str = typer.Argument(..., help="set | add | scale"), value: float = typer.Argument(...),
                   positions: str = typer.Option(None, help="comma-separated token positions"),

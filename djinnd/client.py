@@ -78,6 +78,10 @@ class _Api:
     def inspect(self, sid: int, positions: list[int] | None = None, channels: list[int] | None = None):
         return self._do("session.inspect", session=sid, **_sel(positions, channels))
 
+    def lens(self, sid: int, top_k: int = 5, position: int = -1):
+        """At a pause: the top-k next tokens (token, text, prob) of the hidden state at `position`."""
+        return self._do("session.lens", session=sid, top_k=top_k, position=position)
+
     def patch(self, sid: int, scale=None, set=None, add=None, positions=None, channels=None):
         """Scale, set or add to the paused hidden state (at the given positions and channels, else all)."""
         ops = {k: v for k, v in (("scale", scale), ("set", set), ("add", add)) if v is not None}

@@ -113,6 +113,10 @@ class LoadedModel:
         """The decoder layers, where sessions hang their pause/inspect hooks."""
         return self.model.model.layers
 
+    def lens_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model's own final norm and output head make of a decoder layer's output."""
+        return self.model.get_output_embeddings()(self.model.model.norm(hidden))
+
     def embed(self) -> torch.nn.Module:
         """The input embedding module."""
         return self.model.get_input_embeddings()

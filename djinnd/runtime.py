@@ -448,6 +448,20 @@ class Runtime:
         with self._paused_resident(s):
             return self._stats(s, positions, channels)
 
+    def lens(self, sid, top_k: int, position: int) -> dict:
+        """The logit lens at a pause: what the model would predict from this layer's hidden state."""
+        s = self.get(sid)
+        with self._paused_resident(s):
+            n = s.hidden.shape[1]
+            if not -n <= position < n:
+                raise DjinnError("bad_params", f"'position' {position} is out of range: the paused forward holds {n} tokens")
+            with torch.inference_mode():
+                probs = torch.softmax(self.lm.lens_logits(s.hidden[0, position]).float(), dim=-1)
+            top = probs.topk(min(top_k, probs.numel()))
+            return {"layer": s.layer, "position": position % n,
+                    "top": [{"token": t, "text": self.lm.decode([t]), "prob": p}
+                            for p, t in zip(top.values.tolist(), top.indices.tolist())]}
+
     def patch(self, sid, op: str, value, positions=None, channels=None) -> dict:
         s = self.get(sid)
         with self._paused_resident(s):

@@ -121,6 +121,9 @@ class Service:
     def inspect(self, session, positions=None, channels=None):
         return self.rt.inspect(session, positions, channels)
 
+    def lens(self, session, top_k, position):
+        return self.rt.lens(session, top_k, position)
+
     def patch(self, session, op, value, positions=None, channels=None):
         return self.rt.patch(session, op, value, positions, channels)
 
@@ -154,7 +157,7 @@ class Service:
         "shutdown": shutdown, "memory.set_budget": set_budget,
         "memory.set_swap": set_swap, "memory.reset_peak": reset_peak, "scheduler.set": scheduler_set,
         "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
-        "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.patch": patch,
+        "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.lens": lens, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,
         "scenario.runs": scenario_runs,

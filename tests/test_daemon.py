@@ -344,3 +344,34 @@ def test_print_config_shows_the_settings_as_the_daemon_would_take_them_and_start
     assert config["vram_budget"] == 2 << 30 and config["qos"] == "off" and config["max_concurrency"] == 2
     assert config["socket"] == str(sock) and config["model"] == "tiny-llama"
     assert not sock.parent.exists()
+
+
+def test_the_logit_lens_at_the_last_layer_is_the_models_own_next_token_distribution(daemon):
+    import torch
+
+    from djinnd import load_model
+    lm = load_model("tiny-llama", "cpu")
+    prompt = "The capital of France is"
+    with torch.inference_mode():  # the reference: the model's own distribution, in this process
+        ids = torch.tensor([lm.encode(prompt)])
+        probs = torch.softmax(lm.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+    want = probs.topk(5)
+    with daemon.client() as c:
+        sid = c.create_session(prompt=prompt)
+        c.run_to(sid, layers=[0, lm.num_layers - 1])
+        early = c.lens(sid, top_k=5)
+        with pytest.raises(DjinnError) as e:
+            c.lens(sid, position=999)
+        assert e.value.code == "bad_params" and "position" in str(e.value)
+        assert c.resume(sid) is None
+        last = c.lens(sid, top_k=5)
+        assert last["layer"] == lm.num_layers - 1 and last["position"] == len(ids[0]) - 1
+        assert [t["token"] for t in last["top"]] == want.indices.tolist()
+        assert max(abs(t["prob"] - p) for t, p in zip(last["top"], want.values.tolist())) < 1e-5
+        assert [t["token"] for t in early["top"]] != [t["token"] for t in last["top"]]  # layer 0 predicts otherwise
+        assert c.resume(sid) == want.indices[0].item()  # and the forward's token is the lens's first
+        with pytest.raises(DjinnError) as e:
+            c.lens(sid)
+        assert e.value.code == "bad_state"
+    out = daemon.run("djinn", "session", "lens", str(sid))
+    assert out.returncode == 1 and "not paused" in out.stderr
