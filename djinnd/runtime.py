@@ -37,13 +37,11 @@ class Runtime:
     def __init__(self, lm, bus, budget: int, host_pool: int, spill_dir, capacity: int = 0,
                  device_lock: DeviceLock | None = None, costs: devicecosts.DeviceCosts | None = None):
         self.lm, self.bus = lm, bus
-        if budget <= lm.weights_bytes:
-            raise ValueError(f"the budget ({budget} B) does not even hold the weights ({lm.weights_bytes} B)")
         self.costs = costs or devicecosts.measure(lm)  # CUDA: temporaries and workspaces, charged too
         overhead = self.costs.thread_bytes * self.costs.handles
         if budget <= lm.weights_bytes + overhead:
-            raise ValueError(f"the budget ({budget} B) does not hold the weights and cuBLAS workspaces "
-                             f"({lm.weights_bytes + overhead} B)")
+            raise ValueError(f"the budget ({budget} B) does not even hold the weights ({lm.weights_bytes} B)"
+                             + (f" and cuBLAS workspaces ({overhead} B)" if overhead else ""))
         self.mem = MemoryManager(lm.device, budget, lm.weights_bytes, host_pool, spill_dir, bus, capacity, overhead)
         self._compute_threads = {self.costs.owner} - {None}  # alive ones hold a workspace each
         self._workspaces = self.costs.handles
