@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 import zmq.asyncio
 
-from . import protocol
+from . import protocol, wire
 from .protocol import DjinnError
 from .service import NOT_NOW
-from .wire import SLOW
 
 log = logging.getLogger("djinnd.server")
 
@@ -101,22 +100,27 @@ class Server:
         except DjinnError as e:
             self._send(ident, protocol.error(getattr(e, "rid", None), e.code, e.message))
             return False
-        if method in SLOW:
-            reply = self._answer(rid, lambda: self.service.now(method, params))
+        try:
+            kw = wire.check(method, params)  # once, here: the handlers take what it made of them
+        except DjinnError as e:
+            self._send(ident, protocol.error(rid, e.code, e.message))
+            return True
+        if method in wire.SLOW:
+            reply = self._answer(rid, lambda: self.service.now(method, kw))
             if reply is not None:
                 self._send(ident, reply)
                 return True
-            task = asyncio.ensure_future(self._answer_slow(ident, rid, method, params))
+            task = asyncio.ensure_future(self._answer_slow(ident, rid, method, kw))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            self._send(ident, self._answer(rid, lambda: self.service.handle(method, params)))
+            self._send(ident, self._answer(rid, lambda: self.service.handle(method, kw)))
             return True
         return False
 
-    async def _answer_slow(self, ident, rid, method, params) -> None:
+    async def _answer_slow(self, ident, rid, method, kw) -> None:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self._answer, rid, lambda: self.service.handle(method, params))
+        fut = loop.run_in_executor(self.pool, self._answer, rid, lambda: self.service.handle(method, kw))
         self._send(ident, await fut, from_task=True)
 
     def _answer(self, rid, call) -> bytes | None:

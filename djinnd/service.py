@@ -1,9 +1,10 @@
-"""The daemon's request handlers: method name -> runtime call, parameters checked by the wire table."""
+"""The daemon's request handlers: method name -> runtime call, over parameters the server has had
+checked against the wire table (wire.check)."""
 
 import os
 import time
 
-from . import __version__, wire
+from . import __version__
 from .protocol import DjinnError
 
 NOT_NOW = object()
@@ -19,15 +20,14 @@ class Service:
         self.stop_requested = False
         self.metrics_url = None  # set when the Prometheus endpoint is on
 
-    def handle(self, method: str, params: dict):
-        kw = wire.check(method, params)  # unknown methods included
+    def handle(self, method: str, kw: dict):
+        """The result of `method`; `kw` are its parameters as wire.check made them."""
         return self.HANDLERS[method](self, **kw)
 
-    def now(self, method: str, params: dict):
+    def now(self, method: str, kw: dict):
         """A slow method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
         a worker): a one-token decode step of a resident session on a free device, or COMPUTE for
         a resident session (a no-op but for the phase)."""
-        kw = wire.check(method, params)
         if method == "session.generate" and kw["max_new_tokens"] == 1:
             token = self.rt.step_now(kw["session"])
             if token is not None:
