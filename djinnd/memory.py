@@ -151,18 +151,21 @@ class MemoryManager:
             self._changed()
 
     def reserve(self, s, nbytes: int, timeout: float = 60.0, make_room: bool = True) -> None:
-        """Charge `s` for `nbytes` more device bytes, swapping colder sessions out first.
+        """Charge `s` for `nbytes` more device bytes, swapping colder sessions out first; `s` None
+        charges the device's own `overhead` (a new compute thread's cuBLAS workspace).
 
         Waits while the room is held by sessions that are running right now; fails at once when the
         request could never fit, or when it does not fit now and `make_room` is False.
         """
         if nbytes <= 0:
             return
+        who = f"session {s.id}" if s is not None else "a new compute thread's workspace"
         deadline = time.monotonic() + timeout
         while True:
             with self.acct:
-                if self.fixed + s.charge + nbytes > self.budget:
-                    raise DjinnError("out_of_budget", f"session {s.id} needs {s.charge + nbytes} B on the device; "
+                held = s.charge if s is not None else 0
+                if self.fixed + held + nbytes > self.budget:
+                    raise DjinnError("out_of_budget", f"{who} needs {held + nbytes} B on the device; "
                                      f"the budget leaves {self.budget - self.fixed} B beside the weights")
                 if self._charge_if_fits(s, nbytes):
                     return
@@ -174,7 +177,7 @@ class MemoryManager:
                     if self._charge_if_fits(s, nbytes):
                         return
                     if not self.swap_enabled and not self._pinned_others(s):
-                        raise DjinnError("out_of_budget", f"session {s.id} needs {nbytes} B more and swapping is off")
+                        raise DjinnError("out_of_budget", f"{who} needs {nbytes} B more and swapping is off")
                     seen = self._version
             left = deadline - time.monotonic()
             if left <= 0:
@@ -183,31 +186,15 @@ class MemoryManager:
                 if self._version == seen:  # nothing was unpinned or released meanwhile
                     self.changed.wait(min(left, 0.5))
 
-    def _charge_if_fits(self, s, nbytes: int) -> bool:  # holding acct
+    def _charge_if_fits(self, s, nbytes: int) -> bool:  # holding acct; s None: the overhead
         if self.used + nbytes > self.budget:
             return False
-        s.charge += nbytes
+        if s is None:
+            self.overhead += nbytes
+        else:
+            s.charge += nbytes
         self.peak = max(self.peak, self.used)
         return True
-
-    def reserve_overhead(self, nbytes: int, make_room: bool = True) -> None:
-        """Charge `nbytes` that the device will hold outside any session (a new compute thread's
-        cuBLAS workspace), swapping sessions out first if they do not fit and `make_room`."""
-        deadline = time.monotonic() + 60
-        while True:
-            with self.acct:
-                if self.used + nbytes <= self.budget:
-                    self.overhead += nbytes
-                    self.peak = max(self.peak, self.used)
-                    return
-                seen = self._version
-            if not make_room or time.monotonic() > deadline:
-                raise DjinnError("out_of_budget", f"no room for {nbytes} B of a new compute thread's workspace")
-            with self.lock:
-                self._make_room(nbytes, None)
-            with self.acct:
-                if self._version == seen and self.used + nbytes > self.budget:  # held by running sessions: wait
-                    self.changed.wait(0.5)
 
     def release(self, s, nbytes: int) -> None:
         with self.acct:

@@ -332,7 +332,7 @@ class Runtime:
                 self._compute_threads = live | {me}
                 return True
         try:
-            self.mem.reserve_overhead(self.costs.thread_bytes, make_room)
+            self.mem.reserve(None, self.costs.thread_bytes, make_room=make_room)
         except DjinnError:
             if not make_room:
                 return False
