@@ -174,27 +174,18 @@ def _cleanup(sock: Path, lock_fd) -> None:
 
 def start_detached(argv: list[str], sock: Path, log_file: Path, timeout: float = 120.0) -> int:
     """Start the daemon in its own session and return once it serves (its pid), or raise RuntimeError."""
-    from .client import Client, DjinnError
+    from .private import wait_serving
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "djinnd", "start", *argv], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = proc.poll()
-        if code is not None:
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            raise RuntimeError(f"djinnd exited with code {code}: {tail[0]}")
-        if sock.exists():
-            try:
-                with Client(sock, timeout=2) as c:
-                    c.ping()
-                return proc.pid
-            except DjinnError:
-                pass
-        time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError(f"djinnd did not serve on {sock} within {timeout:.0f} s (log: {log_file})")
+    why = wait_serving(proc, sock, timeout)
+    if why is None:
+        return proc.pid
+    if proc.poll() is None:
+        proc.terminate()
+    tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    raise RuntimeError(f"djinnd {why} on {sock}: {tail[0]} (log: {log_file})")
 
 
 def stop(sock: Path, timeout: float = 30.0) -> str:

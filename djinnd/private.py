@@ -15,6 +15,23 @@ from .client import Client
 from .protocol import DjinnError
 
 
+def wait_serving(proc: subprocess.Popen, sock: Path, timeout: float) -> str | None:
+    """None once the daemon `proc` answers a ping on `sock`; else why not: it exited, or `timeout` passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited ({proc.returncode})"
+        if sock.exists():
+            try:
+                with Client(sock, timeout=2) as c:
+                    c.ping()
+                return None
+            except DjinnError:
+                pass
+        time.sleep(0.05)
+    return f"did not serve within {timeout:.0f} s"
+
+
 class PrivateDaemonError(RuntimeError):
     """It could not start; the message is its last log line."""
 
@@ -38,22 +55,12 @@ class PrivateDaemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket), "--logs", str(self.logs),
                  *self.args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                why = self._last_line()
-                self.remove()
-                raise PrivateDaemonError(f"djinnd exited ({self.proc.returncode}): {why}")
-            if self.socket.exists():
-                try:
-                    with Client(self.socket, timeout=2) as c:
-                        c.ping()
-                    return self
-                except DjinnError:
-                    pass
-            time.sleep(0.05)
+        why = wait_serving(self.proc, self.socket, timeout)
+        if why is None:
+            return self
+        last = self._last_line()
         self.remove()
-        raise PrivateDaemonError(f"djinnd did not serve within {timeout:.0f} s")
+        raise PrivateDaemonError(f"djinnd {why}: {last}")
 
     def client(self, timeout: float = 120.0) -> Client:
         return Client(self.socket, timeout=timeout)
