@@ -108,11 +108,9 @@ class Link:
         sent = polled = time.monotonic()
         while True:
             ev = await sub.recv(BATCH_EVERY)
-            while ev is not None and len(batch) < MAX_DRAIN:
+            while ev is not None:  # and whatever else is already here, up to MAX_DRAIN
                 batch.append(ev)
-                ev = await sub.recv(0)
-            if ev is not None:
-                batch.append(ev)
+                ev = await sub.recv(0) if len(batch) < MAX_DRAIN else None
             now = time.monotonic()
             if batch and now - sent >= BATCH_EVERY:
                 self.post(EventBatch(batch, sub.lost - lost))

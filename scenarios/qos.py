@@ -158,9 +158,9 @@ def run(ctx, p: dict):
     modes = ["on", "off"] if p["qos"] == "both" else [p["qos"]]
     on_settings(p)  # a bad 'shares' is a Skip before anything changes
     # capacity: every client's session (prompt + decoded tokens) resident at once, with room to spare
-    per_tok, weights = model["kv_bytes_per_token"], model["weights_bytes"]
-    cap = estimate(model, p["prompt_len"], 1 + p["requests"] * p["tokens"])["kv_capacity_tokens"]
-    kv = cap * per_tok
+    weights = model["weights_bytes"]
+    est = estimate(model, p["prompt_len"], 1 + p["requests"] * p["tokens"])
+    cap, kv = est["kv_capacity_tokens"], est["kv_bytes"]
     demand = weights + len(clients) * kv
     budget = {"auto": weights + 2 * len(clients) * kv,
               "daemon": st["memory"]["budget_bytes"]}.get(p["budget"], p["budget"])

@@ -32,9 +32,6 @@ def djinn_cache(tmp_path_factory):
 class Daemon(PrivateDaemon):
     """djinnd started in the foreground as a child process (djinnd.PrivateDaemon), with the CLIs at hand."""
 
-    def start(self, timeout: float = 120.0) -> "Daemon":
-        return super().start(timeout)
-
     def run(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run a CLI (djinn / djinnd) against this daemon."""
         tool, *rest = argv
