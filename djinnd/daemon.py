@@ -64,7 +64,7 @@ def run_foreground(config) -> int:
     try:
         rt, bus = _runtime(config)
     except (ValueError, OSError) as e:
-        log.error("cannot start: %s", e)
+        log.error("cannot start: %s", (str(e).splitlines() or [type(e).__name__])[0])  # one line, whatever raised
         _cleanup(sock, lock_fd)
         return 2
     try:

@@ -33,12 +33,11 @@ class DeviceCosts:
 def measure(lm) -> DeviceCosts:
     if lm.device.type != "cuda":
         return DeviceCosts()
-    from .kvcache import SlabCache
 
     dev = lm.device
 
     def peak(tokens: int) -> int:
-        cache = SlabCache(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype, dev)
+        cache = lm.new_cache()
         cache.grow(cache.capacity_for(tokens))
         ids = torch.zeros((1, tokens), dtype=torch.long, device=dev)
         torch.cuda.synchronize(dev)

@@ -1,77 +1,22 @@
 """Model loading for djinnd: one causal LM, shared by every session on the device.
 
-Three kinds of model:
-
-* ``tiny-llama``: a small Llama with a BPE tokenizer, built from a fixed seed
-  the first time it is asked for and saved under ``cache_dir()``. After that it
-  loads like any other checkpoint, so tests and demos use the same code path as
-  real checkpoints, with nothing downloaded.
-* ``llama-2-7b`` / ``llama-2-13b``: Llama-2 sizes with random weights, built
-  straight on the device. They are for memory and speed tests, where only the
-  shapes matter.
-* A local checkpoint folder, or a model already in the Hugging Face cache
-  (``local_files_only``: the daemon never downloads).
+What it can load: a preset (djinnd/presets.py: tiny models of several families, SmolLM2-135M, random
+Llama-2 sizes), a local checkpoint folder, a ``.gguf`` file, or a model already in the Hugging Face cache
+(``local_files_only``: the daemon never downloads). Whatever the family, the runtime finds the parts it
+needs on the loaded model (djinnd/anatomy.py), and refuses at load a model it would serve wrongly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import pathlib
-import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
 
+from . import anatomy, checkpoints, presets
 from .charges import GRANULE, GROWTH, HELD_PER_TOKEN
-
-# transformers is imported inside the functions that use it: it takes ~2 s,
-# and the CLI reads PRESETS, cache_dir() and parse_dtype() without it.
-
-TINY = "tiny-llama"
-# Bump the suffix whenever the tiny config, seed, corpus or tokenizer recipe
-# changes, so that old caches are not reused for a different model.
-TINY_FOLDER = "tiny-llama-v2"
-TINY_SEED = 0
-PRESET_SEED = 0
-CORPUS = pathlib.Path(__file__).parent / "data" / "corpus.txt"
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2, as in Llama
-
-PRESETS: dict[str, dict] = {
-    TINY: dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        initializer_range=0.1,  # wide enough that greedy tokens vary: equality checks then mean something
-    ),
-    "llama-2-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "llama-2-13b": dict(
-        vocab_size=32000,
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-}
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -82,7 +27,7 @@ _DTYPES = {
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference plus the sizes the memory planner needs."""
+    """A model ready for inference, the parts of it the runtime uses, and the sizes the memory planner needs."""
 
     name: str
     path: str
@@ -90,14 +35,38 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
-    num_layers: int
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
+    parts: anatomy.Anatomy
     weights_bytes: int
-    kv_bytes_per_token: int
-    cache_kwarg: str = "past_key_values"  # "cache" where transformers has renamed it
+    load_seconds: float = 0.0
+
+    @property
+    def family(self) -> str:
+        return anatomy.family(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.parts.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.parts.hidden_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.parts.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.parts.head_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.parts.embed.num_embeddings
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer, as the probe forward at load found them."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.parts.kv_dtype.itemsize
 
     @property
     def activation_bytes_per_token(self) -> int:
@@ -106,20 +75,27 @@ class LoadedModel:
 
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """The last position's logits of one forward over ``ids`` [1, n] that extends the KV ``cache``."""
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache})
+        keep = {"logits_to_keep": 1} if self.parts.keeps_logits else {}
+        out = self.model(input_ids=ids, use_cache=True, **keep, **{self.parts.cache_kwarg: cache})
         return out.logits[0, -1]
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder layers, where sessions hang their pause/inspect hooks."""
-        return self.model.model.layers
+        return self.parts.layers
 
     def lens_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the model's own final norm and output head make of a decoder layer's output."""
-        return self.model.get_output_embeddings()(self.model.model.norm(hidden))
+        return self.parts.lens_logits(hidden)
 
     def embed(self) -> torch.nn.Module:
         """The input embedding module."""
-        return self.model.get_input_embeddings()
+        return self.parts.embed
+
+    def new_cache(self):
+        """An empty KV slab cache of this model's layout."""
+        from .kvcache import SlabCache
+
+        return SlabCache(self.num_layers, self.num_kv_heads, self.head_dim, self.parts.kv_dtype, self.device)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Token ids for ``text``; with no tokenizer, UTF-8 bytes mod vocab.
@@ -148,12 +124,15 @@ class LoadedModel:
         return {
             "name": self.name,
             "path": self.path,
+            "family": self.family,
             "num_layers": self.num_layers,
             "weights_bytes": self.weights_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "hidden_size": self.hidden_size,
+            "load_seconds": round(self.load_seconds, 2),
+            "lens": self.parts.lens_error is None,
             # the charging rules (djinnd/charges.py), so that clients' capacity math is the daemon's
             "activation_bytes_per_token": self.activation_bytes_per_token,
             "kv_granule_tokens": GRANULE, "slab_growth": GROWTH,
@@ -161,15 +140,6 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cache_dir() -> pathlib.Path:
-    """Where built models live: $DJINN_CACHE, $XDG_CACHE_HOME/djinn or ~/.cache/djinn."""
-    if os.environ.get("DJINN_CACHE"):
-        return pathlib.Path(os.environ["DJINN_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "djinn"
-    return pathlib.Path.home() / ".cache" / "djinn"
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:
@@ -210,20 +180,6 @@ def parse_dtype(s: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Hide transformers' load/save progress bars: they would litter the daemon's log."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers; tied weights are counted once."""
     seen: set[int] = set()
@@ -249,177 +205,41 @@ def _free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _wrap(name: str, path: str, model, tokenizer, device: torch.device) -> LoadedModel:
-    """Freeze ``model`` for inference and work out its sizes."""
+def _wrap(name: str, path: str, model, tokenizer, device: torch.device, t0: float) -> LoadedModel:
+    """Freeze ``model`` for inference on ``device`` and find its parts (anatomy.Unsupported if it cannot be served)."""
+    model.to(device)
     model.eval()
     model.requires_grad_(False)
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    layers = cfg.num_hidden_layers
-    return LoadedModel(
-        name=name,
-        path=path,
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        num_layers=layers,
-        hidden_size=cfg.hidden_size,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=cfg.vocab_size,
-        weights_bytes=_tensor_bytes(model),
-        kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype.itemsize,
-        # the old name still works there, through a wrapper that warns on every call (~12 us a step)
-        cache_kwarg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
-    )
+    return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=device,
+                       dtype=next(model.parameters()).dtype, parts=anatomy.find(model),
+                       weights_bytes=_tensor_bytes(model), load_seconds=time.monotonic() - t0)
 
 
-# --------------------------------------------------------------------------- building
+def load_model(name_or_path: str = presets.TINY, device: str | torch.device = "auto", dtype=None) -> LoadedModel:
+    """Load a preset, a local checkpoint folder, a ``.gguf`` file, or a model in the HF cache.
 
-
-def estimate_weights_bytes(config_kwargs: dict, dtype: torch.dtype) -> int:
-    """Weight bytes of a Llama with this config, found on the meta device (no memory used)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config_kwargs))
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
-
-
-def build_preset(config_kwargs: dict, device: torch.device | str, dtype: torch.dtype, seed: int = PRESET_SEED):
-    """A randomly initialised LlamaForCausalLM made directly on ``device`` in ``dtype``.
-
-    The tensors are created on the device in the target dtype, so a 13B model
-    never has an fp32 or host copy. Weights come from ``seed`` (the global RNG
-    is left as it was). Raises ValueError, before allocating, when the
-    weights would not fit in the free memory of ``device``.
+    ``dtype`` (a torch dtype or fp32/fp16/bf16) defaults to ``default_dtype(device)``. Raises ValueError
+    with a one-line message for unknown names, unreadable files, bad devices and unsupported families.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    device = torch.device(device)
-    need, free = estimate_weights_bytes(config_kwargs, dtype), _free_bytes(device)
-    if need > free:
-        raise ValueError(
-            f"model needs {need / 2**30:.1f} GiB of weights but {device} has {free / 2**30:.1f} GiB free"
-        )
-    config = LlamaConfig(**config_kwargs)
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.device(device):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model
-
-
-def _train_tokenizer():
-    """Byte-level BPE with 512 tokens, trained on the packaged corpus (deterministic).
-
-    Returns a ``PreTrainedTokenizerFast`` (in transformers 5 an alias of
-    ``TokenizersBackend``, the class name its tokenizer_config.json records).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=PRESETS[TINY]["vocab_size"],
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=PRESETS[TINY]["max_position_embeddings"],
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def ensure_tiny_llama() -> pathlib.Path:
-    """The tiny-llama checkpoint folder, built and saved on first use.
-
-    Built on the CPU in fp32 from a fixed seed, so every build is bit-identical
-    whatever device it will later run on. Several processes may build at once:
-    each writes a private temp folder and renames it into place; the first
-    rename wins and the others throw their copy away.
-    """
-    final = cache_dir() / "models" / TINY_FOLDER
-    if (final / "config.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{TINY_FOLDER}.tmp-", dir=final.parent))
-    try:
-        model = build_preset(PRESETS[TINY], "cpu", torch.float32, seed=TINY_SEED)
-        with _quiet():
-            model.save_pretrained(tmp)
-            _train_tokenizer().save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").exists():
-                raise  # not a lost race: a real error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _load_checkpoint(source: str, device: torch.device, dtype: torch.dtype):
-    """from_pretrained for model and tokenizer, never touching the network.
-
-    The model is read on the host then moved: transformers 5 wants the
-    ``accelerate`` package for ``device_map`` (or even a ``torch.device``
-    context) and djinnd does not depend on it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet():
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="sdpa", local_files_only=True
-        )
-    model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a checkpoint without tokenizer files: fall back to bytes
-    return model, tokenizer
-
-
-def load_model(name_or_path: str = TINY, device: str | torch.device = "auto", dtype=None) -> LoadedModel:
-    """Load a preset, a local checkpoint folder, or a model in the HF cache.
-
-    ``dtype`` (a torch dtype or fp32/fp16/bf16) defaults to ``default_dtype(device)``.
-    Raises ValueError with a one-line message for unknown names and bad devices.
-    """
+    t0 = time.monotonic()
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     name = str(name_or_path)
+    path = pathlib.Path(name).expanduser()
 
-    if name == TINY:
-        folder = ensure_tiny_llama()
-        model, tokenizer = _load_checkpoint(str(folder), device, dtype)
-        return _wrap(name, str(folder), model, tokenizer, device)
-    if name in PRESETS:
-        return _wrap(name, "", build_preset(PRESETS[name], device, dtype), None, device)
-    if (pathlib.Path(name).expanduser() / "config.json").is_file():
-        folder = str(pathlib.Path(name).expanduser())
-        model, tokenizer = _load_checkpoint(folder, device, dtype)
-        return _wrap(name, folder, model, tokenizer, device)
+    if name in presets.PRESETS:
+        model = presets.build_preset(presets.PRESETS[name], device, dtype, _free_bytes(device))
+        return _wrap(name, "", model, None, device, t0)
+    if name in presets.TINY_MODELS or name == presets.SMOLLM2:
+        folder = presets.ensure_smollm2() if name == presets.SMOLLM2 else presets.ensure_tiny(name)
+        return _wrap(name, str(folder), *checkpoints.load(folder, dtype), device, t0)
+    if path.suffix.lower() == ".gguf":
+        return _wrap(name, str(path), *checkpoints.load_gguf(path, dtype), device, t0)
+    if (path / "config.json").is_file():
+        return _wrap(name, str(path), *checkpoints.load(path, dtype), device, t0)
     try:  # a hub id that is already in the local Hugging Face cache
-        model, tokenizer = _load_checkpoint(name, device, dtype)
+        model, tokenizer = checkpoints.load(name, dtype)
     except (OSError, ValueError) as e:
-        known = ", ".join(PRESETS)
-        raise ValueError(f"unknown model {name!r} (known: {known}, or a local checkpoint path)") from e
-    return _wrap(name, "", model, tokenizer, device)
+        known = ", ".join(presets.NAMES)
+        raise ValueError(f"unknown model {name!r} (known: {known}, a checkpoint folder or a .gguf file)") from e
+    return _wrap(name, "", model, tokenizer, device, t0)

@@ -1,4 +1,4 @@
-"""Where the daemon's socket, event socket and pidfile live (CONTRACT.md)."""
+"""Where the daemon's socket, event socket and pidfile live (CONTRACT.md), and where built models are cached."""
 
 import os
 from pathlib import Path
@@ -32,3 +32,12 @@ def endpoint(path: Path) -> str:
 def default_logs_dir() -> Path:
     """logs/ of the checkout when run from it, else $DJINN_LOGS, else ./logs."""
     return Path(os.environ.get("DJINN_LOGS", "logs")).absolute()
+
+
+def cache_dir() -> Path:
+    """Where built models live: $DJINN_CACHE, $XDG_CACHE_HOME/djinn or ~/.cache/djinn."""
+    if os.environ.get("DJINN_CACHE"):
+        return Path(os.environ["DJINN_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "djinn"
+    return Path.home() / ".cache" / "djinn"

@@ -4,7 +4,6 @@ import enum
 import threading
 import time
 
-from .kvcache import SlabCache
 
 
 class State(enum.StrEnum):
@@ -29,7 +28,7 @@ class Session:
         self.prompt_ids = list(prompt_ids)
         self.generated: list[int] = []
         self.pending: list[int] = list(prompt_ids)  # the next forward's input
-        self.cache = SlabCache(lm.num_layers, lm.num_kv_heads, lm.head_dim, lm.dtype, lm.device)
+        self.cache = lm.new_cache()
         self.state = State.IDLE
         self.layer: int | None = None  # where it is paused
         self.breakpoints: list[int] = []

@@ -7,18 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from djinnd import models
-from djinnd.models import (
-    TINY_FOLDER,
-    PRESETS,
-    build_preset,
-    cache_dir,
-    ensure_tiny_llama,
-    estimate_weights_bytes,
-    load_model,
-    parse_dtype,
-    resolve_device,
-)
+from djinnd import models, presets
+from djinnd.models import load_model, parse_dtype, resolve_device
+from djinnd.paths import cache_dir
+from djinnd.presets import PRESETS, TINY_MODELS, build_preset, ensure_tiny, estimate_weights_bytes
+
+TINY_FOLDER = TINY_MODELS["tiny-llama"][2]
 
 TINY_CFG = dict(
     vocab_size=64,
@@ -66,7 +60,7 @@ def test_build_is_deterministic(tmp_path, monkeypatch):
     states, tokenizers = [], []
     for d in ("a", "b"):
         monkeypatch.setenv("DJINN_CACHE", str(tmp_path / d))
-        folder = ensure_tiny_llama()
+        folder = ensure_tiny()
         tokenizers.append((folder / "tokenizer.json").read_bytes())
         states.append(load_model("tiny-llama", device="cpu").model.state_dict())
     assert states[0].keys() == states[1].keys()
@@ -82,8 +76,8 @@ def test_lost_build_race_uses_the_winners_folder(cache, monkeypatch):
         shutil.copytree(src, dst)  # another process finished first
         real_rename(src, dst)  # fails: dst exists and is not empty
 
-    monkeypatch.setattr(models.os, "rename", rename_after_someone_else)
-    folder = ensure_tiny_llama()
+    monkeypatch.setattr(presets.os, "rename", rename_after_someone_else)
+    folder = ensure_tiny()
     assert (folder / "config.json").is_file()
     assert [p.name for p in folder.parent.iterdir()] == [TINY_FOLDER]
 
@@ -128,8 +122,9 @@ def test_sizes(cache):
     assert lm.weights_bytes == param_bytes + buffer_bytes
     assert buffer_bytes < 1024  # only the rotary tables: weights are the parameters
     d = lm.describe()
-    assert set(d) == {"name", "path", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
-                      "hidden_size", "activation_bytes_per_token", "kv_granule_tokens", "slab_growth"}
+    assert set(d) == {"name", "path", "family", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
+                      "hidden_size", "load_seconds", "lens", "activation_bytes_per_token", "kv_granule_tokens", "slab_growth"}
+    assert d["family"] == "llama" and d["lens"] is True
     assert d["activation_bytes_per_token"] == 3 * lm.hidden_size * 4  # embeddings, layer input, output; fp32
     assert d["dtype"] == "float32" and d["name"] == "tiny-llama"
 
@@ -167,13 +162,12 @@ def test_real_preset_sizes_and_memory_guard(monkeypatch):
     # Only the meta device: nothing the size of a real model is allocated.
     assert estimate_weights_bytes(PRESETS["llama-2-7b"], torch.float16) == 6_738_415_616 * 2
     assert estimate_weights_bytes(PRESETS["llama-2-13b"], torch.float16) == 13_015_864_320 * 2
-    monkeypatch.setattr(models, "_free_bytes", lambda device: 1 << 30)
     with pytest.raises(ValueError, match="GiB free"):
-        build_preset(PRESETS["llama-2-13b"], "cpu", torch.bfloat16)
+        build_preset(PRESETS["llama-2-13b"], "cpu", torch.bfloat16, free_bytes=1 << 30)
 
 
 def test_local_checkpoint_path(cache, tmp_path):
-    folder = ensure_tiny_llama()
+    folder = ensure_tiny()
     lm = load_model(str(folder), device="cpu")
     assert lm.name == lm.path == str(folder) and lm.tokenizer is not None
 
@@ -216,3 +210,14 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == tmp_path / "home" / ".cache" / "djinn"
+
+
+@pytest.mark.parametrize("content, why", [(None, "no GGUF file at"), (b"GGUF" + bytes(64), "cannot read GGUF file"),
+                                          (b"not a gguf at all", "cannot read GGUF file")])
+def test_a_missing_or_corrupt_gguf_file_raises_one_line(cache, tmp_path, content, why):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_model(str(path), device="cpu")
+    assert "\n" not in str(err.value) and why in str(err.value) and str(path) in str(err.value)

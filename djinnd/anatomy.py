@@ -1,0 +1,127 @@
+"""What the runtime needs of a loaded causal LM, found on the model itself rather than from one family's names.
+
+Parts: the decoder layers (the ModuleList of the model's own no-split block class), the input embeddings,
+the output head and the final norm. KV layout: a probe forward with transformers' own DynamicCache shows
+what each layer keeps. A model the runtime would serve wrongly (a cache that is not one key/value pair
+of one shape per layer, or a model that is not causal) is refused here, with one line saying why.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+class Unsupported(ValueError):
+    """This model cannot be served correctly; the message names its family and why."""
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    layers: torch.nn.ModuleList
+    embed: torch.nn.Module
+    head: torch.nn.Module
+    norm: torch.nn.Module | None
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: torch.dtype
+    softcap: float | None  # Gemma-2 style final logit soft-capping, applied by the lens as by the model
+    lens_error: str | None  # why head(norm(h)) does not reproduce the model's logits, if it does not
+    cache_kwarg: str  # "cache" where transformers has renamed past_key_values
+    keeps_logits: bool  # the forward takes logits_to_keep
+
+    def lens_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model's own final norm and output head make of a decoder layer's output."""
+        logits = self.head(self.norm(hidden) if self.norm is not None else hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def family(model) -> str:
+    return getattr(model.config, "model_type", None) or type(model).__name__
+
+
+def find(model) -> Anatomy:
+    """The parts and KV layout of `model` (eval mode, on its device); Unsupported if it cannot be served."""
+    name = family(model)
+
+    def refuse(why: str):
+        raise Unsupported(f"cannot serve model family {name!r}: {why}")
+
+    layers = _decoder_layers(model) or refuse(
+        "no ModuleList of its declared decoder block class (_no_split_modules) with one entry per layer")
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    if cache_kwarg not in params:
+        refuse("its forward takes no key/value cache")
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[1, 2, 3, 4]], device=device) % vocab
+    seen = []
+    hook = layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=ids, use_cache=True, **{cache_kwarg: cache})
+            prefix = model(input_ids=ids[:, :2]).logits
+    except Exception as e:  # noqa: BLE001 - whatever stops the probe stops the model from being served
+        refuse(f"a probe forward with a DynamicCache failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    finally:
+        hook.remove()
+    logits = out.logits[0]
+    if not torch.allclose(prefix[0].float(), logits[:2].float(), **_tolerance(logits)):
+        refuse("it is not causal: a position's logits depend on the tokens after it")
+    kv = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    if len(cache.layers) != len(layers) or len(kv) != len(layers) or not all(isinstance(x, DynamicLayer) for x in kv):
+        kinds = sorted({type(x).__name__ for x in cache.layers})
+        refuse(f"its cache ({', '.join(kinds) or 'none'}) is not one key/value pair per decoder layer")
+    shapes = {(tuple(x.keys.shape), tuple(x.values.shape), x.keys.dtype) for x in kv}
+    if len(shapes) != 1:
+        refuse("its layers keep keys and values of different shapes")
+    k_shape, v_shape, kv_dtype = shapes.pop()
+    if k_shape != v_shape or k_shape[0] != 1 or k_shape[2] != ids.shape[1]:
+        refuse(f"its keys {list(k_shape)} and values {list(v_shape)} are not [1, heads, tokens, head_dim]")
+    hidden = seen[0]  # the probe's, not the prefix's
+    norm = _final_norm(model, layers)
+    parts = dict(layers=layers, embed=model.get_input_embeddings(), head=model.get_output_embeddings(), norm=norm,
+                 hidden_size=hidden.shape[-1], kv_heads=k_shape[1], head_dim=k_shape[3], kv_dtype=kv_dtype,
+                 softcap=getattr(model.config, "final_logit_softcapping", None), cache_kwarg=cache_kwarg,
+                 keeps_logits="logits_to_keep" in params)
+    lens_error = None
+    try:
+        with torch.inference_mode():
+            lens = Anatomy(lens_error=None, **parts).lens_logits(hidden[0])
+        if not torch.allclose(lens.float(), logits.float(), **_tolerance(logits)):
+            lens_error = "its final norm and output head do not reproduce its logits"
+    except Exception as e:  # noqa: BLE001 - a lens that cannot run is refused at the request, not at load
+        lens_error = f"its final norm and output head fail on a layer's output ({type(e).__name__})"
+    if lens_error:
+        lens_error = f"no logit lens for model family {name!r}: {lens_error}"
+    return Anatomy(lens_error=lens_error, **parts)
+
+
+def _tolerance(logits: torch.Tensor) -> dict:
+    tol = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    return {"rtol": tol, "atol": tol * max(logits.abs().max().item(), 1.0)}
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList | None:
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) and len(module) == (count or len(module))
+                and all(type(m).__name__ in blocks for m in module)):
+            return module
+    return None
+
+
+def _final_norm(model, layers) -> torch.nn.Module | None:
+    """The last norm of the base model outside the decoder layers (`norm`, `ln_f`, `final_layer_norm`, ...)."""
+    inside = {id(m) for m in layers.modules()}
+    norms = [m for m in model.base_model.modules() if id(m) not in inside and "norm" in type(m).__name__.lower()]
+    return norms[-1] if norms else None
