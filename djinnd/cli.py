@@ -92,9 +92,16 @@ def session_show(sid: int, socket: str = SocketOpt):
 
 
 @session_app.command("generate")
-def session_generate(sid: int, n: int = typer.Option(1, "-n", help="tokens to generate"), socket: str = SocketOpt):
-    """Generate n greedy tokens; prints their ids."""
-    typer.echo(" ".join(map(str, _call(socket, lambda c: c.generate(sid, n)))))
+def session_generate(sid: int, n: int = typer.Option(1, "-n", help="tokens to generate"), socket: str = SocketOpt,
+                     as_json: bool = JsonOpt):
+    """Generate n greedy tokens; prints their text (ids and text with --json)."""
+    def generate(c):
+        tokens = c.generate(sid, n)
+        return {"tokens": tokens, "text": c.text(tokens)}
+    got = _call(socket, generate)
+    if as_json:
+        return _out(got)
+    typer.echo(got["text"])
 
 
 @session_app.command("run-to")
@@ -138,12 +145,17 @@ def session_patch(sid: int, op: str = typer.Argument(..., help="set | add | scal
 
 
 @session_app.command("resume")
-def session_resume(sid: int, socket: str = SocketOpt):
-    """Resume a paused session."""
+def session_resume(sid: int, socket: str = SocketOpt, as_json: bool = JsonOpt):
+    """Resume a paused session: the next token's text, or the layer it paused at again (both with --json)."""
     def resume(c):
         token = c.resume(sid)
-        return {"state": "idle", "token": token} if token is not None else {"state": "paused", "layer": c.session(sid)["layer"]}
-    _out(_call(socket, resume))
+        if token is None:
+            return {"state": "paused", "layer": c.session(sid)["layer"]}
+        return {"state": "idle", "token": token, "text": c.text([token])}
+    got = _call(socket, resume)
+    if as_json:
+        return _out(got)
+    typer.echo(got["text"] if got["state"] == "idle" else f"paused at layer {got['layer']}")
 
 
 @session_app.command("phase")

@@ -58,6 +58,10 @@ class _Api:
             params["token_ids"] = list(token_ids)
         return self._do("session.create", lambda r: r["id"], **params)
 
+    def text(self, tokens: list[int]) -> str:
+        """The text of token ids, by the daemon's tokenizer."""
+        return self._do("model.text", lambda r: r["text"], tokens=list(tokens))
+
     def sessions(self):
         return self._do("session.list", lambda r: r["sessions"])
 

@@ -99,6 +99,12 @@ class Service:
         except (ValueError, TypeError) as e:
             raise DjinnError("bad_params", str(e)) from None
 
+    def text(self, tokens):
+        vocab = self.rt.lm.vocab_size
+        if any(t >= vocab for t in tokens):
+            raise DjinnError("bad_params", f"model.text: token ids must be in [0, {vocab})")
+        return {"text": self.rt.lm.decode(tokens)}
+
     # -- sessions --------------------------------------------------------------------------------
     def create(self, prompt=None, token_ids=None, qos="interactive"):
         return self.rt.create(prompt=prompt, token_ids=token_ids, qos=qos).info()
@@ -156,7 +162,7 @@ class Service:
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
         "memory.set_swap": set_swap, "memory.reset_peak": reset_peak, "scheduler.set": scheduler_set,
-        "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
+        "model.text": text, "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.lens": lens, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,

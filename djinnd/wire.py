@@ -71,6 +71,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         Param("prompt", "str", None, lo=1), Param("token_ids", "ints", None, lo=0),
         Param("qos", "str", "interactive", choices=QOS_CLASSES),
     ), "session info", "a new session (`prompt` or `token_ids`)", "create_session", slow=True),
+    Method("model.text", (Param("tokens", "ints", lo=0, doc="token ids"),), '`{"text"}`',
+           "the text of token ids, by the model's tokenizer", "text"),
     Method("session.list", (), '`{"sessions": [info, ...]}`', "every session", "sessions"),
     Method("session.get", (SESSION,), "session info", "one session", "session", SID),
     Method("session.generate", (SESSION, Param("max_new_tokens", "int", 1, lo=1, hi=4096)), '`{"tokens": [...]}`',
