@@ -1,0 +1,150 @@
+"""Any model family: the generality scenario over every tiny family through real daemons, the families
+refused at load, and SmolLM2-135M-Instruct (real trained weights) through the socket and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, Daemon, results, scenario
+from djinnd import DjinnError, load_model
+from djinnd.presets import TINY_MODELS
+
+PROMPT = "The capital of France is"
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """Checkpoints of families the runtime cannot serve: a state-space model, an encoder, an encoder-decoder."""
+    from transformers import BertConfig, BertLMHeadModel, MambaConfig, MambaForCausalLM, T5Config, T5ForConditionalGeneration
+    root = tmp_path_factory.mktemp("refused")
+    torch.manual_seed(0)
+    return {
+        "mamba": (_save(MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, state_size=8)),
+                        root / "mamba"), "is not one key/value pair per decoder layer"),
+        "bert": (_save(BertLMHeadModel(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  intermediate_size=128)), root / "bert"), "it is not causal"),
+        "t5": (_save(T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=64, num_layers=2, num_heads=4, d_ff=128)),
+                     root / "t5"), "no causal language model class"),
+    }
+
+
+@pytest.mark.parametrize("family", ["mamba", "bert", "t5"])
+def test_a_family_the_runtime_cannot_serve_is_refused_at_load_with_one_line(refused, family):
+    path, why = refused[family]
+    with pytest.raises(ValueError) as e:
+        load_model(path, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot serve model family {family!r}" in msg and why in msg, msg
+
+
+@pytest.mark.slow
+def test_every_family_passes_the_same_checks_through_the_daemon_and_a_refused_one_fails_its_row(refused, tmp_path):
+    models = [*TINY_MODELS, refused["mamba"][0]]
+    out = scenario("run", "generality", "--headless", "--set", "models=" + ",".join(models), "--output", str(tmp_path),
+                   timeout=600)
+    r = results(tmp_path)
+    assert out.returncode == 1 and r["status"] == "fail", out.stdout[-3000:]
+    rows = {row["model"]: row for row in r["models"]}
+    assert {rows[m]["family"] for m in TINY_MODELS} == {"llama", "mistral", "qwen2", "phi3", "gemma", "gpt2",
+                                                         "gpt_neox", "opt", "gptj"}
+    for m in TINY_MODELS:
+        assert all(rows[m][check]["ok"] for check in r["checks"]), rows[m]
+    mamba = rows[refused["mamba"][0]]
+    assert not mamba["loads"]["ok"] and "cannot serve model family 'mamba'" in mamba["loads"]["measured"]
+    assert [c["id"] for c in r["criteria"] if not c["ok"]] == ["loads"]
+    swap = rows["tiny-gpt2"]["swap"]["measured"]
+    assert swap.startswith("out to host") and "bit-exact" in swap
+
+
+def test_a_corrupt_gguf_stops_djinnd_start_with_one_line_and_leaves_nothing(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    sock = tmp_path / "run" / "d.sock"
+    out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--device", "cpu", "--socket", str(sock),
+                          "--model", str(bad)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert "cannot start: cannot read GGUF file" in last and str(bad) in last, out.stderr
+    assert not sock.exists()
+
+
+# -- SmolLM2-135M-Instruct: real weights ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    """The reference in this process (the model cache converts the GGUF once a run) and a daemon on it."""
+    lm = load_model("smollm2-135m", "cpu")
+    d = Daemon("--device", "cpu", "--model", "smollm2-135m").start()
+    yield lm, d
+    d.remove()
+
+
+def _generate(lm, ids, n):
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        return lm.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=lm.tokenizer.eos_token_id)[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_tokens_through_djinnd_equal_generate_paused_at_layer_15_or_not(smollm2):
+    lm, d = smollm2
+    ids = lm.encode(PROMPT)
+    want = _generate(lm, ids, 8)
+    assert lm.decode(want).startswith(" Paris")  # real weights: the answer a reader expects
+    with d.client() as c:
+        sid = c.create_session(prompt=PROMPT)
+        assert c.generate(sid, 8) == want
+        paused = c.create_session(prompt=PROMPT)
+        assert c.run_to(paused, layer=15) == {"state": "paused", "layer": 15}
+        assert [c.resume(paused)] + c.generate(paused, 7) == want
+        assert c.status()["model"]["family"] == "llama" and c.status()["model"]["num_layers"] == 30
+
+
+@pytest.mark.slow
+def test_smollm2_logit_lens_is_the_models_own_distribution_at_the_last_layer_and_differs_early(smollm2):
+    lm, d = smollm2
+    ids = lm.encode(PROMPT)
+    with torch.inference_mode():
+        probs = torch.softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1], dim=-1)
+    want = probs.topk(5)
+    with d.client() as c:
+        sid = c.create_session(token_ids=ids)
+        with pytest.raises(DjinnError) as e:
+            c.lens(sid)
+        assert e.value.code == "bad_state" and "not paused" in str(e.value)
+        c.run_to(sid, layers=[3, 29])
+        early = c.lens(sid, top_k=5)
+        c.resume(sid)
+        last = c.lens(sid, top_k=5)
+    assert [t["token"] for t in last["top"]] == want.indices.tolist()
+    assert max(abs(t["prob"] - p) for t, p in zip(last["top"], want.values.tolist())) < 1e-5
+    assert last["top"][0]["text"] == " Paris"
+    assert [t["token"] for t in early["top"]] != want.indices.tolist()
+
+
+@pytest.mark.slow
+def test_the_cli_prints_text_and_ids_with_json(smollm2):
+    lm, d = smollm2
+
+    def djinn(*args):
+        out = d.run("djinn", *args)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    sid = int(djinn("session", "create", PROMPT))
+    assert djinn("session", "generate", str(sid), "-n", "2").startswith(" Paris")
+    got = json.loads(djinn("session", "generate", str(sid), "-n", "3", "--json"))
+    assert got["text"] == lm.decode(got["tokens"]) and len(got["tokens"]) == 3
+    djinn("session", "run-to", str(sid), "15")
+    resumed = json.loads(djinn("session", "resume", str(sid), "--json"))
+    assert resumed["state"] == "idle" and resumed["text"] == lm.decode([resumed["token"]])
+    out = d.run("djinn", "session", "lens", str(sid))
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "not paused" in out.stderr
