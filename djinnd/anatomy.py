@@ -80,16 +80,20 @@ def find(model) -> Anatomy:
     if len(cache.layers) != len(layers) or len(kv) != len(layers) or not all(isinstance(x, DynamicLayer) for x in kv):
         kinds = sorted({type(x).__name__ for x in cache.layers})
         refuse(f"its cache ({', '.join(kinds) or 'none'}) is not one key/value pair per decoder layer")
-    shapes = {(tuple(x.keys.shape), tuple(x.values.shape), x.keys.dtype) for x in kv}
+    # a sliding-window layer keeps fewer tokens than it was given; the slab keeps them all and the model's
+    # own mask hides those outside the window, so only heads, head size and dtype must agree
+    shapes = {(x.keys.shape[:2] + x.keys.shape[3:], x.values.shape[:2] + x.values.shape[3:], x.keys.dtype) for x in kv}
     if len(shapes) != 1:
         refuse("its layers keep keys and values of different shapes")
     k_shape, v_shape, kv_dtype = shapes.pop()
-    if k_shape != v_shape or k_shape[0] != 1 or k_shape[2] != ids.shape[1]:
-        refuse(f"its keys {list(k_shape)} and values {list(v_shape)} are not [1, heads, tokens, head_dim]")
+    full = [x for x in kv if not getattr(x, "is_sliding", False)]
+    if k_shape != v_shape or k_shape[0] != 1 or any(x.keys.shape[2] != ids.shape[1] for x in full):
+        refuse(f"its keys {list(kv[0].keys.shape)} and values {list(kv[0].values.shape)} "
+               "are not [1, heads, tokens, head_dim]")
     hidden = seen[0]  # the probe's, not the prefix's
     norm = _final_norm(model, layers)
     parts = dict(layers=layers, embed=model.get_input_embeddings(), head=model.get_output_embeddings(), norm=norm,
-                 hidden_size=hidden.shape[-1], kv_heads=k_shape[1], head_dim=k_shape[3], kv_dtype=kv_dtype,
+                 hidden_size=hidden.shape[-1], kv_heads=k_shape[1], head_dim=k_shape[2], kv_dtype=kv_dtype,
                  softcap=getattr(model.config, "final_logit_softcapping", None), cache_kwarg=cache_kwarg,
                  keeps_logits="logits_to_keep" in params)
     lens_error = None

@@ -42,7 +42,7 @@ def print_status(socket, as_json: bool) -> None:
         f"djinnd {st['version']}  pid {st['pid']}  up {st['uptime_s']:.0f} s",
         f"socket   {st['socket']}",
         f"device   {st['device']['kind']} ({st['device']['name']}, {st['device']['dtype']})",
-        f"model    {mdl['name']}: {mdl['num_layers']} layers, {format_size(mdl['weights_bytes'])} of weights, "
+        f"model    {mdl['name']} ({mdl.get('family', '?')}): {mdl['num_layers']} layers, {format_size(mdl['weights_bytes'])} of weights, "
         f"{format_size(mdl['kv_bytes_per_token'])}/token of KV",
         f"sessions {st['sessions']}",
         f"memory   {format_size(m['device_bytes'])} of {format_size(m['budget_bytes'])} budget "

@@ -162,7 +162,8 @@ class _Checks:
         with torch.inference_mode():
             cache = DynamicCache(config=self.lm.model.config)
             self.lm.forward(self._tensor(), cache)
-        per_token = sum(x.keys.nbytes + x.values.nbytes for x in cache.layers) // len(self.ids)
+        # per token each layer keeps (a sliding-window layer keeps fewer tokens; the slab keeps them all)
+        per_token = sum((x.keys.nbytes + x.values.nbytes) // x.keys.shape[-2] for x in cache.layers)
         want = estimate({**self.model, "kv_bytes_per_token": per_token}, len(self.ids), self.n)["kv_bytes"]
         ok = per_token == self.model["kv_bytes_per_token"] and self.charged == want
         return ok, (f"a DynamicCache holds {per_token} B a token (the daemon says {self.model['kv_bytes_per_token']}); "
