@@ -237,6 +237,9 @@ def load_model(name_or_path: str = presets.TINY, device: str | torch.device = "a
         return _wrap(name, str(path), *checkpoints.load_gguf(path, dtype), device, t0)
     if (path / "config.json").is_file():
         return _wrap(name, str(path), *checkpoints.load(path, dtype), device, t0)
+    if name.startswith(("/", ".", "~")):  # a path, not a hub id
+        raise ValueError(f"no checkpoint at {name!r}: " + ("no such file or folder" if not path.exists()
+                                                           else "a checkpoint folder holds a config.json"))
     try:  # a hub id that is already in the local Hugging Face cache
         model, tokenizer = checkpoints.load(name, dtype)
     except (OSError, ValueError) as e:

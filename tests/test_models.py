@@ -177,7 +177,15 @@ def test_local_checkpoint_path(cache, tmp_path):
     assert lm.tokenizer is None and lm.num_layers == 8
 
 
-@pytest.mark.parametrize("name", ["no-such-model", "/no/such/folder", "someone/not-cached"])
+def test_a_path_that_holds_no_checkpoint_raises_one_line(cache, tmp_path):
+    for path, why in ((tmp_path / "missing", "no such file or folder"),
+                      (tmp_path, "a checkpoint folder holds a config.json")):
+        with pytest.raises(ValueError) as err:
+            load_model(str(path), device="cpu")
+        assert str(err.value) == f"no checkpoint at {str(path)!r}: {why}"
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "someone/not-cached"])
 def test_unknown_model_raises_one_line(cache, name):
     with pytest.raises(ValueError) as err:
         load_model(name, device="cpu")
