@@ -1,22 +1,29 @@
 """Swap-out and swap-in throughput of djinnd's MemoryManager against the physical limit.
 
-For each session size (1 MiB to 2 GiB, those that fit) a real session of tiny-llama whose KV slab
-is grown to that size is swapped out and in through the real `djinnd.memory.MemoryManager` several
-times; the median is compared with the physical limit
-measured in the same run on the same bytes (the host pool's buffer and the slab):
+For each session size (1 MiB to 2 GiB, those that fit; or `--tokens`, a session of that many tokens)
+a real session of the model (`--model`, tiny-llama unless told) whose KV slab is grown to that size
+is swapped out and in through the real `djinnd.memory.MemoryManager` several times; the median is
+compared with the physical limit measured in the same run on the same bytes (the host pool's buffer
+and the slab):
 
 * CUDA: a pinned host <-> device `copy_(non_blocking=True)` on a side stream, timed with CUDA events;
 * CPU: a plain memcpy, `dst.copy_(src)` of uint8 tensors between already-touched buffers.
 
 Swap figures are wall clock around `swap_out()` / `swap_in()` (what a caller waits for); the
 manager's own figure (CUDA events on a GPU) is shown beside them. Goal (issue 4): at least 0.9 of
-the limit for sessions of 64 MiB and more.
+the limit for sessions of 64 MiB and more; with `--tokens`, for every session measured.
 
-    python bench/swap.py [--device cpu|cuda] [--reps 9] [--disk] [--json PATH]
+    python bench/swap.py [--device cpu|cuda] [--model NAME] [--sizes MiB,... | --tokens N,...] [--reps 9]
+                         [--threads N] [--disk] [--json PATH]
+
+On the CPU the script runs with THP_MEM_ALLOC_ENABLE=1 unless told otherwise, as djinnd's daemon
+does, and prints the minor page faults each swap takes: a swap-in that faults is not one memcpy.
 """
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -24,7 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# As djinnd's daemon runs (cli_daemon.main sets it before torch allocates): large CPU tensors in
+# transparent huge pages, so that a CPU swap-in faults in 2 MiB pages, not 4 KiB ones. The swaps
+# are measured in this process, so it needs the daemon's setting; THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,13 +68,16 @@ def idle_session(mgr: MemoryManager, lm, sid: int, size: int) -> Session:
     """A real session whose KV slab is `size` bytes on the model's device, charged in `mgr`'s books."""
     s = Session(sid, [0], "interactive", lm)
     s.cache.grow(size // s.cache.bytes_per_token)
+    assert s.cache.nbytes == size, (s.cache.nbytes, size)
     mgr.register(s)
     mgr.reserve(s, s.cache.nbytes)
     return s
 
 
 def label(n: int) -> str:
-    return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB"
+    if n >= GiB and n % GiB == 0:
+        return f"{n // GiB} GiB"
+    return f"{n // MiB} MiB" if n % MiB == 0 else f"{n / MiB:.1f} MiB"
 
 
 def gbps(nbytes: int, ms: float) -> float:
@@ -97,16 +112,24 @@ def fitting_sizes(sizes, device: torch.device) -> tuple[list[int], list[str]]:
 
 
 # -- the test pattern -----------------------------------------------------------------------------
+def _split(slab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slab's whole MiB as rows, and the bytes after them (a session of N tokens is rarely whole MiB)."""
+    n = slab.numel() // CHUNK
+    return slab[:n * CHUNK].view(n, CHUNK), slab[n * CHUNK:]
+
+
 def fill(slab: torch.Tensor, block: torch.Tensor) -> None:
-    rows = slab.view(-1, CHUNK)
+    rows, tail = _split(slab)
     rows.copy_(block.expand_as(rows))
     rows[:, :8].copy_(_headers(rows.shape[0], slab.device))
+    tail.copy_(block[:tail.numel()].flip(0))  # not what the next row would hold: a shifted copy shows
 
 
 def intact(slab: torch.Tensor, block: torch.Tensor) -> bool:
-    rows = slab.view(-1, CHUNK)
+    rows, tail = _split(slab)
     return (torch.equal(rows[:, :8], _headers(rows.shape[0], slab.device))
-            and torch.equal(rows[:, 8:], block[8:].expand(rows.shape[0], CHUNK - 8)))
+            and torch.equal(rows[:, 8:], block[8:].expand(rows.shape[0], CHUNK - 8))
+            and torch.equal(tail, block[:tail.numel()].flip(0)))
 
 
 def _headers(n: int, device) -> torch.Tensor:
@@ -152,10 +175,20 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int, limit: RawCopy | None) -> dict:
+def minor_faults() -> int:
+    """This process's minor page faults so far: on the CPU, how many pages a swap touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int, limit: RawCopy | None,
+               tokens: int | None = None) -> dict:
     """Median figures of `reps` swap-out/swap-in round trips of one `size`-byte slab (after one warm-up).
 
-    With `limit`, the raw copy of the same bytes is timed in each repetition too, interleaved.
+    With `limit`, the raw copy of the same bytes is timed in each repetition too, interleaved, in an
+    order that gives each timed copy the same predecessor as its swap (the copy the other way between
+    the same two buffers): limit out, limit in, swap out, swap in. At 45 MiB both buffers fit in a
+    large L3, so a copy of other bytes in between (the fresh-buffer copy, timed after the loop) would
+    leave the swaps a colder cache than the limit.
     """
     dev = mgr.device
     gen = torch.Generator(device=dev).manual_seed(sid)
@@ -165,28 +198,31 @@ def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int,
     fill(slab, block)
     if mgr.cuda:
         torch.cuda.synchronize(dev)
-    rec = {k: [] for k in ("out", "in", "mgr_out", "mgr_in", "limit_out", "limit_in", "fresh_in")}
+    rec = {k: [] for k in ("out", "in", "mgr_out", "mgr_in", "limit_out", "limit_in", "fresh_in", "faults_out", "faults_in")}
     try:
         for rep in range(reps + 1):
             if limit is not None:
                 host, dst = mgr.host.view(0, size), slab  # the bytes the pool uses
                 lo, li = limit(host, dst), limit(dst, host)
-                fi = None if mgr.cuda else fresh_copy_ms(host)
+            f0 = minor_faults()
             out = timed(lambda: mgr.swap_out(s, reason="bench"))
+            f1 = minor_faults()
             assert s.stored is not None and s.stored.tier == ("host" if limit is not None else "disk"), s.stored
             mgr_out = bus.last["ms"]
             inn = timed(lambda: mgr.swap_in(s, reason="bench"))
+            f2 = minor_faults()
             assert s.stored is None
             mgr_in = bus.last["ms"]
             if rep == 0:
                 continue  # warm-up: first touch of the pool's pages, the allocator's first block
-            for k, v in (("out", out), ("in", inn), ("mgr_out", mgr_out), ("mgr_in", mgr_in)):
+            for k, v in (("out", out), ("in", inn), ("mgr_out", mgr_out), ("mgr_in", mgr_in),
+                         ("faults_out", f1 - f0), ("faults_in", f2 - f1)):
                 rec[k].append(v)
             if limit is not None:
                 rec["limit_out"].append(lo)
                 rec["limit_in"].append(li)
-                if fi is not None:
-                    rec["fresh_in"].append(fi)
+        if limit is not None and not mgr.cuda:
+            rec["fresh_in"] = [fresh_copy_ms(mgr.host.view(0, size)) for _ in range(reps + 1)][1:]
         # a last round trip with the pool's bytes cleared first, so that the raw copies above cannot
         # hide a swap that moved nothing
         if limit is not None:
@@ -199,8 +235,13 @@ def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int,
         s.cache.release()
         del slab  # the storage goes with its last view
     med = {k: statistics.median(v) for k, v in rec.items() if v}
-    row = {"size": size, "label": label(size), "reps": reps, "intact": ok}
+    row = {"size": size, "label": f"{tokens} tok" if tokens else label(size), "reps": reps, "intact": ok}
+    if tokens:
+        row["tokens"] = tokens
     for k, ms in med.items():
+        if k.startswith("faults"):
+            row[k] = int(ms)  # a count, not a time
+            continue
         row[f"{k}_ms"] = round(ms, 4)
         row[f"{k}_gbps"] = round(gbps(size, ms), 3)
     if limit is not None:
@@ -228,16 +269,19 @@ def print_table(rows, cuda: bool) -> None:
     if not cuda:
         print("fresh in: memcpy into a newly allocated buffer, as swap_in's storage resize gives on the CPU: "
               + ", ".join(f"{r['label']} {r['fresh_in_gbps']:.2f}" for r in rows) + " GB/s")
+        print("minor page faults a swap, out / in (median; 4 KiB pages, or 2 MiB with huge pages): "
+              + ", ".join(f"{r['label']} {r['faults_out']} / {r['faults_in']}" for r in rows))
 
 
-def verdict(rows) -> str:
-    big = [r for r in rows if r["size"] >= GOAL_FROM]
+def verdict(rows, by_tokens: bool = False) -> str:
+    """Sizes: the goal holds from GOAL_FROM; sessions sized in tokens: for each of them."""
+    big = rows if by_tokens else [r for r in rows if r["size"] >= GOAL_FROM]
     if not big:
         return f"goal: no size of {label(GOAL_FROM)} or more measured"
     worst = min(min(r["ratio_out"], r["ratio_in"]) for r in big)
     met = worst >= GOAL
-    return (f"goal (>= {GOAL} of the limit from {label(GOAL_FROM)}): {'MET' if met else 'MISSED'}, "
-            f"worst ratio {worst:.3f}")
+    scope = "for every session measured" if by_tokens else f"from {label(GOAL_FROM)}"
+    return f"goal (>= {GOAL} of the limit {scope}): {'MET' if met else 'MISSED'}, worst ratio {worst:.3f}"
 
 
 def main(argv=None) -> int:
@@ -245,7 +289,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=9,
                     help="timed round trips per size (median), after one warm-up; 3x that below 64 MiB")
-    ap.add_argument("--sizes", help="comma-separated MiB, e.g. 64,1024 (default: 1 MiB to 2 GiB)")
+    ap.add_argument("--model", default="tiny-llama",
+                    help="the model whose sessions are swapped (a djinnd preset, e.g. smollm2-135m; default tiny-llama)")
+    sized = ap.add_mutually_exclusive_group()
+    sized.add_argument("--sizes", help="comma-separated MiB, e.g. 64,1024 (default: 1 MiB to 2 GiB)")
+    sized.add_argument("--tokens", help="comma-separated session lengths in tokens, e.g. 1024: "
+                       "each session's slab holds exactly that many tokens of the model's KV")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (djinnd uses 1 on the CPU; default: torch's)")
     ap.add_argument("--disk", action="store_true", help="also measure the disk tier (host pool 0)")
     ap.add_argument("--spill-dir", type=Path, help="folder for the disk tier (default: a new one under /tmp)")
@@ -261,11 +310,34 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [int(x) * MiB for x in args.sizes.split(",")] if args.sizes else SIZES
     print(machine_line())
     print(load_line())
     print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", torch threads {torch.get_num_threads()}, {args.reps} reps per size ({3 * args.reps} below 64 MiB)")
+          + f", torch threads {torch.get_num_threads()}, {args.reps} reps per size ({3 * args.reps} below 64 MiB)"
+          + f", THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
+    try:
+        counts = [int(x) for x in (args.tokens or args.sizes or "1").split(",")]
+    except ValueError as e:
+        print(f"{'--tokens' if args.tokens else '--sizes'}: {e}", file=sys.stderr)
+        return 2
+    if min(counts) <= 0:
+        print(f"{'--tokens' if args.tokens else '--sizes'}: {min(counts)} is not a size", file=sys.stderr)
+        return 2
+    try:
+        lm = load_model(args.model, device)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    per_token = lm.new_cache().bytes_per_token  # what a session's slab holds a token (the model's KV dtype)
+    print(f"model {lm.name}: {lm.num_layers} layers, {per_token:,} B of KV a token, loaded in {lm.load_seconds:.1f} s")
+    tokens_of = {n * per_token: n for n in counts} if args.tokens else {}
+    sizes = list(tokens_of) if args.tokens else [n * MiB for n in counts] if args.sizes else SIZES
+    if any(s % per_token for s in sizes):
+        print(f"sizes must be whole multiples of {lm.name}'s {per_token} B of KV a token "
+              f"(or give --tokens)", file=sys.stderr)
+        return 2
+    for s, n in tokens_of.items():
+        print(f"{n} tokens of {lm.name}: {s:,} B ({label(s)})")
 
     fit, skipped = fitting_sizes(sizes, device)
     for line in skipped:
@@ -273,12 +345,10 @@ def main(argv=None) -> int:
     if not fit:
         print("no size fits", file=sys.stderr)
         return 2
-    lm = load_model("tiny-llama", device)
-    if any(s % lm.kv_bytes_per_token for s in fit):
-        print(f"sizes must be whole multiples of tiny-llama's {lm.kv_bytes_per_token} B of KV a token", file=sys.stderr)
-        return 2
     spill = Path(tempfile.mkdtemp(prefix="djswap", dir=args.spill_dir or "/tmp"))
     result = {"machine": machine_line(), "load_before": load_line(), "device": str(device),
+              "model": lm.name, "kv_bytes_per_token": per_token, "threads": torch.get_num_threads(),
+              "thp_mem_alloc_enable": os.environ["THP_MEM_ALLOC_ENABLE"],
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "limit": "pinned copy_(non_blocking=True), CUDA events" if device.type == "cuda" else "memcpy dst.copy_(src)",
               "reps": args.reps, "skipped": skipped, "host": [], "disk": []}
@@ -291,10 +361,10 @@ def main(argv=None) -> int:
         limit = RawCopy(device)
         for i, size in enumerate(fit):
             reps = args.reps if size >= GOAL_FROM else 3 * args.reps  # small copies are cheap and noisy
-            result["host"].append(bench_size(mgr, bus, lm, size, i + 1, reps, limit))
+            result["host"].append(bench_size(mgr, bus, lm, size, i + 1, reps, limit, tokens_of.get(size)))
         del mgr
         print_table(result["host"], device.type == "cuda")
-        result["verdict"] = verdict(result["host"])
+        result["verdict"] = verdict(result["host"], bool(tokens_of))
         print(result["verdict"])
 
         if args.disk:
@@ -306,7 +376,7 @@ def main(argv=None) -> int:
             dmgr = make_manager(device, 0, spill, bus)
             reps = max(3, args.reps // 3)
             for i, size in enumerate(disk_sizes):
-                result["disk"].append(bench_size(dmgr, bus, lm, size, 100 + i, reps, None))
+                result["disk"].append(bench_size(dmgr, bus, lm, size, 100 + i, reps, None, tokens_of.get(size)))
             print(f"\ndisk tier (host pool 0; files in {spill}, no fsync: writes land in the page cache), "
                   f"median of {reps}, wall clock")
             print(f"{'size':>8} {'out GB/s':>9} {'in GB/s':>8} {'out ms':>9} {'in ms':>9}  ok")

@@ -24,6 +24,7 @@ import torch
 from .protocol import DjinnError
 from .scheduler import QOS_RANK
 from .session import State
+from .spares import Spares
 from .stats import percentile
 from .swappool import DiskTier, HostPool, Stored, u8
 
@@ -55,6 +56,7 @@ class MemoryManager:
         self.counters = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0, "demotions": 0, "failures": 0}
         self.latencies = deque(maxlen=10000)  # (direction, ms, gbps)
         self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self.spares = None if self.cuda else Spares()  # CUDA's caching allocator keeps freed blocks itself
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -73,6 +75,7 @@ class MemoryManager:
                 "weights_bytes": self.weights_bytes, "overhead_bytes": self.overhead, "host_bytes": self.host.used,
                 "host_capacity_bytes": self.host.capacity, "host_pinned_bytes": self.host.pinned_bytes,
                 "disk_bytes": self.disk.used, "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled,
+                "spare_bytes": self.spares.nbytes if self.spares else 0,
                 **self.device_figures()}
 
     def device_figures(self) -> dict:
@@ -121,6 +124,8 @@ class MemoryManager:
                 raise DjinnError("bad_params", f"budget {budget} B does not even hold the weights and workspaces ({self.fixed} B)")
             self.budget = budget
             self._make_room(0, None)  # lowering it swaps out what no longer fits
+            if self.spares:
+                self.spares.trim(self.budget - self.used)
 
     def pin(self, s) -> None:
         """Keep `s` from being swapped out (it is computing, or being inspected)."""
@@ -194,6 +199,8 @@ class MemoryManager:
         else:
             s.charge += nbytes
         self.peak = max(self.peak, self.used)
+        if self.spares:
+            self.spares.trim(self.budget - self.used)
         return True
 
     def release(self, s, nbytes: int) -> None:
@@ -256,8 +263,12 @@ class MemoryManager:
                 if s.pins_taken != pins_taken:  # a forward ran or runs meanwhile: the copy may have missed
                     self._free(stored)          # what it wrote, and the device copy stays
                     return
-                for st in storages:
-                    st.resize_(0)  # every view the paused forward holds stays valid, now without memory
+                room = self.budget - self.used + s.charge  # what the budget leaves once it is out
+                for st in storages:  # every view the paused forward holds stays valid, now without memory
+                    if self.spares:
+                        self.spares.free(st, room)
+                    else:
+                        st.resize_(0)
                 stored.charge = s.charge
                 s.stored, s.charge = stored, 0
                 self._changed()
@@ -325,7 +336,10 @@ class MemoryManager:
             storages = _unique_storages(s.swappable_tensors())
             try:
                 for st, n in zip(storages, stored.sizes):
-                    st.resize_(n)
+                    if self.spares:
+                        self.spares.restore(st, n)
+                    else:
+                        st.resize_(n)
                 # after the allocation: the blocks may have been freed by kernels still queued there
                 self._fence(None)
                 t0 = self._timer()

@@ -20,6 +20,15 @@ def test_swap_bench_round_trips_real_sessions_intact_on_both_tiers(tmp_path):
     assert len(rows) == 4 and all(r[-1] == "yes" for r in rows), out  # host and disk tier, each size intact
 
 
+def test_swap_bench_sizes_sessions_in_tokens_of_the_model_loaded():
+    # 100 and 1000 tokens of tiny-llama (4,096 B a token): not whole MiB, so the pattern's tail is checked too
+    out = run_bench("bench/swap.py", "--model", "tiny-llama", "--tokens", "100,1000", "--reps", "1", "--disk")
+    assert "1000 tokens of tiny-llama: 4,096,000 B" in out, out
+    rows = [r for r in (line.split() for line in out.splitlines()) if r[:2] in (["100", "tok"], ["1000", "tok"])]
+    assert len(rows) == 4 and all(r[-1] == "yes" for r in rows), out  # host and disk tier, each session intact
+    assert "minor page faults a swap" in out and "for every session measured" in out, out
+
+
 def test_rpc_bench_measures_the_ping_against_a_bare_zmq_echo():
     out = run_bench("bench/rpc.py", "-n", "200", "--warmup", "20", "--threads", "2")
     assert "ping p50 / bare zmq echo p50:" in out and "2 client threads" in out, out
