@@ -6,6 +6,7 @@ loaded in this process, and the bytes a transformers DynamicCache holds.
 """
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from djinnd import DjinnError, PrivateDaemon, PrivateDaemonError, estimate
 
@@ -23,14 +24,24 @@ def run(ctx, p: dict):
     names = [n.strip() for n in p["models"].split(",") if n.strip()]
     if not names:
         raise Skip("no models given")
+    ctx.progress(0, len(names), f"{len(names)} models, a daemon each, {p['ahead']} started ahead")
     rows, device = [], None
-    for i, name in enumerate(names, 1):
-        ctx.progress(i - 1, len(names), f"{name}: starting its daemon")
-        row, st = _row(ctx, name, p)
-        device = device or (st and {k: st["device"][k] for k in ("kind", "name", "capacity_bytes")})
-        rows.append(row)
-        ctx.say(_line(row))
-    ctx.progress(len(names), len(names), "done")
+    with ThreadPoolExecutor(p["ahead"] or 1) as pool:  # a daemon's start is mostly imports: it overlaps the checks
+        starts = {}
+        try:
+            for i, name in enumerate(names):
+                for ahead in names[i:i + 1 + p["ahead"]]:
+                    if ahead not in starts:
+                        starts[ahead] = pool.submit(_start, ctx, ahead, p)
+                row, st = _row(ctx, name, p, starts.pop(name).result())
+                device = device or (st and {k: st["device"][k] for k in ("kind", "name", "capacity_bytes")})
+                rows.append(row)
+                ctx.say(_line(row))
+                ctx.progress(i + 1, len(names), f"{name} checked")
+        finally:  # an interrupted run leaves no daemon started ahead behind
+            for started in starts.values():
+                if isinstance(started.result(), PrivateDaemon):
+                    started.result().remove()
     loaded = [r for r in rows if r["loads"]["ok"]]
     criteria = [crit(ctx, "loads", _failures(rows, "loads"), len(loaded) == len(rows))]
     for check in CHECKS:
@@ -41,14 +52,20 @@ def run(ctx, p: dict):
     return body, criteria
 
 
-def _row(ctx, name: str, p: dict) -> tuple[dict, dict | None]:
-    """One model's checks on a daemon of its own: {check: {"ok", "measured"}} and its status."""
-    row = {"model": name, "family": None}
+def _start(ctx, name: str, p: dict) -> PrivateDaemon | str:
+    """A daemon serving `name`, or why it would not start (its one line)."""
     logs = ctx.folder / "daemons" / re.sub(r"[^\w.-]+", "_", name)
     try:
-        daemon = PrivateDaemon("--device", p["device"], "--model", name, logs=logs).start(timeout=900)
+        return PrivateDaemon("--device", p["device"], "--model", name, logs=logs).start(timeout=900)
     except PrivateDaemonError as e:
-        row["loads"] = {"ok": False, "measured": str(e)}
+        return str(e)
+
+
+def _row(ctx, name: str, p: dict, daemon: PrivateDaemon | str) -> tuple[dict, dict | None]:
+    """One model's checks on its daemon: {check: {"ok", "measured"}} and its status."""
+    row = {"model": name, "family": None}
+    if isinstance(daemon, str):
+        row["loads"] = {"ok": False, "measured": daemon}
         return row, None
     try:
         with daemon.client() as c:

@@ -55,6 +55,14 @@ def make_daemon():
         d.remove()
 
 
+@pytest.fixture(scope="session")
+def smollm2_daemon() -> Daemon:
+    """A daemon on SmolLM2-135M-Instruct (real weights), shared by the tests that read real text."""
+    d = Daemon("--device", "cpu", "--model", "smollm2-135m").start()
+    yield d
+    d.remove()
+
+
 @pytest.fixture
 def daemon(make_daemon) -> Daemon:
     """A daemon on the CPU with tiny-llama and default settings."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, Daemon, results, scenario
+from conftest import ROOT, results, scenario
 from djinnd import DjinnError, load_model
 from djinnd.presets import TINY_MODELS
 
@@ -78,12 +78,9 @@ def test_a_corrupt_gguf_stops_djinnd_start_with_one_line_and_leaves_nothing(tmp_
 
 # -- SmolLM2-135M-Instruct: real weights ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_daemon):
     """The reference in this process (the model cache converts the GGUF once a run) and a daemon on it."""
-    lm = load_model("smollm2-135m", "cpu")
-    d = Daemon("--device", "cpu", "--model", "smollm2-135m").start()
-    yield lm, d
-    d.remove()
+    return load_model("smollm2-135m", "cpu"), smollm2_daemon
 
 
 def _generate(lm, ids, n):
