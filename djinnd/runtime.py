@@ -449,6 +449,8 @@ class Runtime:
     def lens(self, sid, top_k: int, position: int) -> dict:
         """The logit lens at a pause: what the model would predict from this layer's hidden state."""
         s = self.get(sid)
+        if self.lm.parts.lens_error:  # found at load: its final norm and head do not give its logits
+            raise DjinnError("unsupported", self.lm.parts.lens_error)
         with self._paused_resident(s):
             n = s.hidden.shape[1]
             if not -n <= position < n:

@@ -76,6 +76,23 @@ def test_a_corrupt_gguf_stops_djinnd_start_with_one_line_and_leaves_nothing(tmp_
     assert not sock.exists()
 
 
+def test_a_model_whose_norm_and_head_do_not_give_its_logits_serves_without_a_lens_and_says_so(make_daemon, tmp_path):
+    """OPT with a projection after its final norm: the lens the runtime would build is not the model's own."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=32, max_position_embeddings=256)).save_pretrained(tmp_path)
+    d = make_daemon("--device", "cpu", "--model", str(tmp_path))
+    with d.client() as c:
+        assert c.status()["model"]["lens"] is False
+        sid = c.create_session(token_ids=[5, 6, 7])
+        c.run_to(sid, layer=1)
+        with pytest.raises(DjinnError) as e:
+            c.lens(sid)
+        assert e.value.code == "unsupported" and "no logit lens for model family 'opt'" in str(e.value)
+        assert isinstance(c.resume(sid), int)  # served all the same
+
+
 # -- SmolLM2-135M-Instruct: real weights ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(smollm2_daemon):
