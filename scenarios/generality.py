@@ -46,9 +46,9 @@ def run(ctx, p: dict):
     criteria = [crit(ctx, "loads", _failures(rows, "loads"), len(loaded) == len(rows))]
     for check in CHECKS:
         criteria.append(crit(ctx, check, _failures(loaded, check), all(r[check]["ok"] for r in loaded) and bool(loaded)))
+    passed = sum(all(r[k]["ok"] for k in ("loads", *CHECKS) if k in r) for r in rows)
     body = {"device": device, "model": None, "models": rows, "checks": ["loads", *CHECKS],
-            "headline": {"models": len(rows), "all_checks_passed": sum(all(v["ok"] for k, v in r.items() if k in CHECKS
-                                                                          or k == "loads") for r in rows)}}
+            "headline": {"models": len(rows), "all_checks_passed": passed}}
     return body, criteria
 
 
