@@ -53,7 +53,7 @@ def test_every_family_passes_the_same_checks_through_the_daemon_and_a_refused_on
     r = results(tmp_path)
     assert out.returncode == 1 and r["status"] == "fail", out.stdout[-3000:]
     rows = {row["model"]: row for row in r["models"]}
-    assert {rows[m]["family"] for m in TINY_MODELS} == {"llama", "mistral", "qwen2", "phi3", "gemma", "gpt2",
+    assert {rows[m]["family"] for m in TINY_MODELS} == {"llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gpt2",
                                                          "gpt_neox", "opt", "gptj"}
     for m in TINY_MODELS:
         assert all(rows[m][check]["ok"] for check in r["checks"]), rows[m]
