@@ -227,6 +227,8 @@ def bench_size(mgr: MemoryManager, bus: Bus, lm, size: int, sid: int, reps: int,
         # hide a swap that moved nothing
         if limit is not None:
             mgr.host.view(0, size).zero_()
+        if mgr.spares:  # and the memory kept for the swap-in overwritten, so that only the copy can restore it
+            mgr.spares.poison = True
         mgr.swap_out(s, reason="bench")
         mgr.swap_in(s, reason="bench")
         ok = intact(slab, block)

@@ -63,8 +63,9 @@ def run_foreground(config) -> int:
         return 1
     try:
         rt, bus = _runtime(config)
-    except (ValueError, OSError) as e:
-        log.error("cannot start: %s", (str(e).splitlines() or [type(e).__name__])[0])  # one line, whatever raised
+    except Exception as e:  # noqa: BLE001 - a model that cannot load (a bad file, an unservable family) stops it
+        first = (str(e).splitlines() or [""])[0]
+        log.error("cannot start: %s", first if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {first}")
         _cleanup(sock, lock_fd)
         return 2
     try:

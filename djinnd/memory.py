@@ -327,17 +327,24 @@ class MemoryManager:
         if stored is None:
             return
         need = stored.charge
-        self.reserve(s, need, make_room=make_room)
+        # kept memory of these sizes, set aside first: the charge below would trim it away
+        blocks = [self.spares.take(n) if self.spares else None for n in stored.sizes]
+        try:
+            self.reserve(s, need, make_room=make_room)
+        except BaseException:
+            self._keep(blocks)
+            raise
         with self.lock:
             stored = s.stored
             if stored is None or self.sessions.get(s.id) is not s:  # brought back (or closed) meanwhile
                 self.release(s, need)
+                self._keep(blocks)
                 return
             storages = _unique_storages(s.swappable_tensors())
             try:
-                for st, n in zip(storages, stored.sizes):
+                for st, n, block in zip(storages, stored.sizes, blocks):
                     if self.spares:
-                        self.spares.restore(st, n)
+                        self.spares.restore(st, n, block)
                     else:
                         st.resize_(n)
                 # after the allocation: the blocks may have been freed by kernels still queued there
@@ -366,6 +373,12 @@ class MemoryManager:
                 self._drop_stored(s)
                 self._changed()
             self._account("in", s, stored.tier, stored.nbytes, ms, reason)
+
+    def _keep(self, blocks) -> None:
+        """Blocks a swap-in set aside and did not use go back to the spares, as far as the budget allows."""
+        for block in blocks:
+            if block is not None:
+                self.spares.put(block, self.budget - self.used)
 
     def _drop_stored(self, s) -> None:
         st, s.stored = s.stored, None

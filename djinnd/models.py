@@ -243,6 +243,8 @@ def load_model(name_or_path: str = presets.TINY, device: str | torch.device = "a
     try:  # a hub id that is already in the local Hugging Face cache
         model, tokenizer = checkpoints.load(name, dtype)
     except (OSError, ValueError) as e:
+        if str(e).startswith("cannot serve"):
+            raise
         known = ", ".join(presets.NAMES)
         raise ValueError(f"unknown model {name!r} (known: {known}, a checkpoint folder or a .gguf file)") from e
     return _wrap(name, "", model, tokenizer, device, t0)

@@ -55,7 +55,7 @@ TINY_MODELS: dict[str, tuple[str, dict, str]] = {
     "tiny-mistral": ("MistralConfig", dict(_SMALL, sliding_window=8), "tiny-mistral-v2"),  # a window tests outrun
     "tiny-qwen2": ("Qwen2Config", _SMALL, "tiny-qwen2-v1"),
     "tiny-phi3": ("Phi3Config", _SMALL, "tiny-phi3-v1"),
-    "tiny-gemma": ("GemmaConfig", dict(_SMALL, head_dim=16, initializer_range=0.3), "tiny-gemma-v1"),
+    "tiny-gemma": ("GemmaConfig", dict(_SMALL, head_dim=16, initializer_range=0.3), "tiny-gemma-v2"),
     # eager attention (no SDPA for it), soft-capped logits, sliding and full layers in turn
     "tiny-gemma2": ("Gemma2Config", dict(_SMALL, head_dim=16, initializer_range=0.3, sliding_window=8), "tiny-gemma2-v1"),
     "tiny-gpt2": ("GPT2Config", dict(_SMALL, n_inner=128), "tiny-gpt2-v1"),

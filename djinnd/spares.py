@@ -7,13 +7,21 @@ caching allocator keeps freed blocks. The memory moves between storages with tor
 `UntypedStorage._swap_data_ptr_`, so every view of the session's storage stays valid; without that
 (private) method storages are simply freed. The kept bytes stay within the room the budget leaves
 beside what the books charge, so the process never holds more than the budget.
+
+A kept block still holds what its storage held, so a swap-in that copied nothing would come back
+right: with `poison` (or DJINN_POISON_SPARES=1, which the tests set) kept blocks are overwritten,
+as glibc's MALLOC_PERTURB_ does, and a bit-exact check proves the copy.
 """
 
+import os
 import threading
 
 import torch
 
+from .swappool import u8
+
 _CAN_MOVE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+POISON = 0xA5
 
 
 class Spares:
@@ -21,6 +29,7 @@ class Spares:
         self._lock = threading.Lock()
         self._blocks: list[torch.UntypedStorage] = []  # oldest first
         self.nbytes = 0
+        self.poison = os.environ.get("DJINN_POISON_SPARES") == "1"
 
     def free(self, st: torch.UntypedStorage, room: int) -> None:
         """Free `st`'s memory in place, keeping it while the kept bytes fit in `room`."""
@@ -29,20 +38,36 @@ class Spares:
             if _CAN_MOVE and 0 < n <= room - self.nbytes:
                 spare = torch.UntypedStorage(0)
                 st._swap_data_ptr_(spare)
+                if self.poison:
+                    u8(spare).fill_(POISON)
                 self._blocks.append(spare)
                 self.nbytes += n
                 return
         st.resize_(0)
 
-    def restore(self, st: torch.UntypedStorage, n: int) -> None:
-        """Give the empty `st` `n` bytes again: a kept block of that size when there is one."""
+    def take(self, n: int) -> torch.UntypedStorage | None:
+        """A kept block of `n` bytes, set aside for a swap-in (so that no trim lets it go meanwhile)."""
         with self._lock:
             i = next((i for i, b in enumerate(self._blocks) if b.nbytes() == n), None)
-            if i is not None:
-                self.nbytes -= n
-                st._swap_data_ptr_(self._blocks.pop(i))
-                return
-        st.resize_(n)
+            if i is None:
+                return None
+            self.nbytes -= n
+            return self._blocks.pop(i)
+
+    def put(self, block: torch.UntypedStorage, room: int) -> None:
+        """Keep a block taken and not used, if it fits in `room`."""
+        with self._lock:
+            if block.nbytes() <= room - self.nbytes:
+                self._blocks.append(block)
+                self.nbytes += block.nbytes()
+
+    @staticmethod
+    def restore(st: torch.UntypedStorage, n: int, block: torch.UntypedStorage | None) -> None:
+        """Give the empty `st` `n` bytes again: `block`'s memory when it is that size, else fresh memory."""
+        if block is not None and block.nbytes() == n:
+            st._swap_data_ptr_(block)
+        else:
+            st.resize_(n)
 
     def trim(self, room: int) -> None:
         """Let the oldest kept blocks go until the rest fit in `room`."""

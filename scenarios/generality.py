@@ -33,15 +33,20 @@ def run(ctx, p: dict):
                 for ahead in names[i:i + 1 + p["ahead"]]:
                     if ahead not in starts:
                         starts[ahead] = pool.submit(_start, ctx, ahead, p)
-                row, st = _row(ctx, name, p, starts.pop(name).result())
+                daemon = starts[name].result()
+                del starts[name]  # from here _row removes it
+                row, st = _row(ctx, name, p, daemon)
                 device = device or (st and {k: st["device"][k] for k in ("kind", "name", "capacity_bytes")})
                 rows.append(row)
                 ctx.say(_line(row))
                 ctx.progress(i + 1, len(names), f"{name} checked")
         finally:  # an interrupted run leaves no daemon started ahead behind
             for started in starts.values():
-                if isinstance(started.result(), PrivateDaemon):
-                    started.result().remove()
+                try:
+                    if isinstance(started.result(), PrivateDaemon):
+                        started.result().remove()
+                except Exception:  # noqa: BLE001, S110 - the others still go
+                    pass
     loaded = [r for r in rows if r["loads"]["ok"]]
     criteria = [crit(ctx, "loads", _failures(rows, "loads"), len(loaded) == len(rows))]
     for check in CHECKS:
@@ -74,12 +79,19 @@ def _row(ctx, name: str, p: dict, daemon: PrivateDaemon | str) -> tuple[dict, di
             row["family"] = m.get("family")
             row["loads"] = {"ok": True, "measured": f"{m.get('family')}, {m['num_layers']} layers, "
                                                    f"loaded in {m.get('load_seconds')} s"}
-            checks = _Checks(c, st, p)
+            try:
+                checks = _Checks(c, st, p)
+            except Exception as e:  # noqa: BLE001 - the row fails with the reason; the other models still run
+                checks = f"the reference in this process could not be made: {type(e).__name__}: {e}"
             for check in CHECKS:
                 try:
+                    if isinstance(checks, str):
+                        raise RuntimeError(checks)
                     ok, measured = getattr(checks, check)()
                 except DjinnError as e:
                     ok, measured = False, f"{e.code}: {e}"
+                except Exception as e:  # noqa: BLE001 - a failed check is a failed cell, not a failed run
+                    ok, measured = False, f"{type(e).__name__}: {e}"
                 row[check] = {"ok": ok, "measured": measured}
     finally:
         daemon.remove()
@@ -106,12 +118,19 @@ class _Checks:
         return torch.tensor([self.ids], device=self.lm.device)
 
     def _generate(self) -> list[int]:
-        """transformers' own greedy decoding (it may stop early at an end-of-text token)."""
+        """transformers' own greedy decoding (it may stop early at an end-of-text token), under a fresh
+        generation config: a checkpoint's own may add a repetition penalty or other logits processors,
+        which generate merges into any config it is given, and then it is not plain greedy decoding."""
         import torch
-        ids, gen = self._tensor(), self.lm.model.generation_config
+        from transformers import GenerationConfig
+
+        model = self.lm.model  # this process's own copy
+        eos = model.generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) and eos else eos) or 0
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+        ids = self._tensor()
         with torch.inference_mode():
-            out = self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.n,
-                                         do_sample=False, pad_token_id=gen.pad_token_id or gen.eos_token_id or 0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.n, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
 
     def _session(self) -> int:

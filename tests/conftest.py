@@ -26,6 +26,7 @@ def djinn_cache(tmp_path_factory):
     """One model cache for the whole run, so tiny-llama is built once."""
     cache = tmp_path_factory.mktemp("djinn-cache")
     os.environ["DJINN_CACHE"] = str(cache)
+    os.environ["DJINN_POISON_SPARES"] = "1"  # memory kept across a swap is overwritten: bit-exact checks prove the copy
     return cache
 
 

@@ -64,16 +64,27 @@ def test_every_family_passes_the_same_checks_through_the_daemon_and_a_refused_on
     assert swap.startswith("out to host") and "bit-exact" in swap
 
 
-def test_a_corrupt_gguf_stops_djinnd_start_with_one_line_and_leaves_nothing(tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF" + bytes(64))
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_a_corrupt_model_file_stops_djinnd_start_with_one_line_and_leaves_nothing(tmp_path, kind):
+    if kind == "gguf":
+        bad = tmp_path / "broken.gguf"
+        bad.write_bytes(b"GGUF" + bytes(64))
+        why = f"cannot start: cannot read GGUF file '{bad}'"
+    else:  # a checkpoint folder whose weights file was cut short
+        from transformers import GPT2Config, GPT2LMHeadModel
+        bad = tmp_path / "cut"
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=1,
+                                   eos_token_id=2)).save_pretrained(bad)
+        weights = bad / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        why = "cannot start: "
     sock = tmp_path / "run" / "d.sock"
     out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--device", "cpu", "--socket", str(sock),
                           "--model", str(bad)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2
-    last = out.stderr.strip().splitlines()[-1]
-    assert "cannot start: cannot read GGUF file" in last and str(bad) in last, out.stderr
-    assert not sock.exists()
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], out.stderr
+    assert not any(sock.parent.iterdir())  # no socket, no pidfile
 
 
 def test_a_model_whose_norm_and_head_do_not_give_its_logits_serves_without_a_lens_and_says_so(make_daemon, tmp_path):

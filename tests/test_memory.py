@@ -392,7 +392,13 @@ def test_on_the_cpu_a_swap_in_reuses_the_memory_a_swap_out_freed_within_the_budg
     assert rt.mem.used + rt.mem.spares.nbytes <= rt.mem.budget
     rt.mem.swap_in(s, reason="test")
     assert slab.data_ptr() == ptr and rt.mem.spares.nbytes == 0  # its own memory, back
-    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(s)))
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(s)))  # poisoned while kept: the copy restored it
+
+    charge = s.charge
+    rt.mem.swap_out(s, reason="test")
+    rt.mem.set_budget(rt.mem.used + charge)  # room for it and nothing more: its swap-in's charge must not trim
+    rt.mem.swap_in(s, reason="test")         # away the memory it is about to take back
+    assert slab.data_ptr() == ptr and all(torch.equal(a, b) for a, b in zip(before, snapshot(s)))
 
     rt.mem.swap_out(s, reason="test")
     rt.mem.set_budget(rt.mem.used + 1)  # no room left beside the books: nothing may be kept
