@@ -80,6 +80,8 @@ def find(model) -> Anatomy:
     if not ran:
         refuse("none of its decoder block lists ran over the probe's tokens")
     layers, hidden = ran[0]  # the probe's output after the last decoder layer, not the prefix's
+    if hidden.dim() != 3 or hidden.shape[0] != 1:  # breakpoints read and patch [1, tokens, hidden]
+        refuse(f"its decoder layers output {list(hidden.shape)}, not [1, tokens, hidden] (e.g. AltUp streams)")
     logits = out.logits[0]
     if not torch.allclose(prefix[0].float(), logits[:2].float(), **_tolerance(logits)):
         refuse("it is not causal: a position's logits depend on the tokens after it")
