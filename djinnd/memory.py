@@ -343,10 +343,7 @@ class MemoryManager:
             storages = _unique_storages(s.swappable_tensors())
             try:
                 for st, n, block in zip(storages, stored.sizes, blocks):
-                    if self.spares:
-                        self.spares.restore(st, n, block)
-                    else:
-                        st.resize_(n)
+                    Spares.restore(st, n, block)  # fresh memory where no block was kept (always on CUDA)
                 # after the allocation: the blocks may have been freed by kernels still queued there
                 self._fence(None)
                 t0 = self._timer()
