@@ -29,6 +29,8 @@ def start(
     escalation_ms: float = typer.Option(None, "--escalation-ms", help="serve a request waiting this long ahead of its class"),
     qos_shares: str = typer.Option(None, "--qos-shares", help="share device time by class, e.g. realtime=0.1,interactive=0.7,batch=0.2 (default: strict priority)"),
     max_concurrency: int = typer.Option(1, "--max-concurrency", help="at most N sessions with a forward in flight"),
+    max_batch: int = typer.Option(None, "--max-batch", help="decode steps of up to N sessions share one forward (1: no batching; default 32 on the CPU, 64 on CUDA)"),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="a prompt's prefill feeds at most N tokens a forward; decode steps run between chunks"),
     lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)"),
     busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a request answered on the I/O loop (a decode step, status), poll for the next this long before sleeping (0: off)"),
@@ -44,7 +46,7 @@ def start(
             socket=sock, logs_dir=(logs or paths.default_logs_dir()).absolute(), device=device, model=model,
             vram_budget=vram_budget, host_pool=host_pool, dtype=dtype, spill_dir=spill_dir, sample_hz=sample_hz,
             qos=qos, escalation_ms=escalation_ms, qos_shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo,
-            metrics_port=metrics_port, busy_poll_us=busy_poll_us)
+            max_batch=max_batch, prefill_chunk=prefill_chunk, metrics_port=metrics_port, busy_poll_us=busy_poll_us)
     except ValueError as e:
         _fail(str(e), 2)
     if print_config:

@@ -112,7 +112,7 @@ class _Api:
         return self._do("memory.reset_peak")
 
     def set_scheduler(self, **settings):
-        """Any of fcfs, shares, max_concurrency, lifo, escalation_ms (None: off), wake_first."""
+        """Any of fcfs, shares, max_concurrency, max_batch, lifo, escalation_ms (None: off), wake_first."""
         return self._do("scheduler.set", **settings)
 
     def scenarios(self):

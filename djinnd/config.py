@@ -24,6 +24,8 @@ class DaemonConfig:
     escalation_ms: float | None = None
     qos_shares: dict | None = None
     max_concurrency: int = 1
+    max_batch: int | None = None  # None: the device's default (daemon.default_max_batch)
+    prefill_chunk: int = 512
     lifo: bool = False
     metrics_port: int | None = None
     busy_poll_us: float = 1000
@@ -51,6 +53,10 @@ class DaemonConfig:
             raise ValueError("--qos must be on or off")
         if self.max_concurrency < 1:
             raise ValueError("--max-concurrency must be at least 1")
+        if self.max_batch is not None and not 1 <= self.max_batch <= 1024:
+            raise ValueError("--max-batch must be 1-1024")
+        if self.prefill_chunk < 1:
+            raise ValueError("--prefill-chunk must be at least 1")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError("--metrics-port must be 0-65535")
         if not 0 <= self.busy_poll_us <= 100_000:

@@ -50,6 +50,12 @@ def default_host_pool(device) -> int:
     return 1 << 30
 
 
+def default_max_batch(device) -> int:
+    """Decode steps per forward: a batch reads the weights once for all its rows; past these sizes a
+    row's own work (its attention call) outweighs what it saves, and a realtime step waits longer."""
+    return 64 if device.type == "cuda" else 32
+
+
 def run_foreground(config) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop (config: a DaemonConfig)."""
     logsetup.setup()
@@ -94,8 +100,12 @@ def _runtime(config):
     bus = EventBus()
     bus.add_sink(FileSink(config.logs_dir / "daemon", bus))
     lock = DeviceLock(fcfs=config.qos == "off", escalation_s=config.escalation_ms / 1000 if config.escalation_ms else None,
-                      shares=config.qos_shares, max_concurrency=config.max_concurrency, lifo=config.lifo)
-    rt = Runtime(lm, bus, budget, pool, config.spill_dir or config.socket.parent / f"spill-{os.getpid()}", capacity, lock)
+                      shares=config.qos_shares, max_concurrency=config.max_concurrency, lifo=config.lifo,
+                      max_batch=config.max_batch or default_max_batch(dev))
+    rt = Runtime(lm, bus, budget, pool, config.spill_dir or config.socket.parent / f"spill-{os.getpid()}", capacity, lock,
+                 prefill_chunk=config.prefill_chunk)
+    if lm.batch_error:
+        log.warning("decode steps run one at a time: %s", lm.batch_error)
     log.info("model %s loaded on %s in %.1f s (%s of weights, budget %s)", lm.name, dev, time.monotonic() - t0,
              lm.weights_bytes, budget)
     return rt, bus

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import anatomy, checkpoints, presets
+from . import anatomy, checkpoints, presets, rows
 from .charges import GRANULE, GROWTH, HELD_PER_TOKEN
 
 _DTYPES = {
@@ -38,6 +38,7 @@ class LoadedModel:
     parts: anatomy.Anatomy
     weights_bytes: int
     load_seconds: float = 0.0
+    batch_error: str | None = None  # why decode steps of several sessions cannot share a forward (rows.probe)
 
     @property
     def family(self) -> str:
@@ -78,6 +79,10 @@ class LoadedModel:
         keep = {"logits_to_keep": 1} if self.parts.keeps_logits else {}
         out = self.model(input_ids=ids, use_cache=True, **keep, **{self.parts.cache_kwarg: cache})
         return out.logits[0, -1]
+
+    def forward_rows(self, tokens: list[int], caches) -> torch.Tensor:
+        """Logits [B, vocab] of one batched decode step: row b feeds tokens[b] to the session of caches[b]."""
+        return rows.forward(self, tokens, caches)
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder layers, where sessions hang their pause/inspect hooks."""
@@ -133,6 +138,7 @@ class LoadedModel:
             "hidden_size": self.hidden_size,
             "load_seconds": round(self.load_seconds, 2),
             "lens": self.parts.lens_error is None,
+            "batching": self.batch_error is None,
             # the charging rules (djinnd/charges.py), so that clients' capacity math is the daemon's
             "activation_bytes_per_token": self.activation_bytes_per_token,
             "kv_granule_tokens": GRANULE, "slab_growth": GROWTH,
@@ -210,9 +216,11 @@ def _wrap(name: str, path: str, model, tokenizer, device: torch.device, t0: floa
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=device,
-                       dtype=next(model.parameters()).dtype, parts=anatomy.find(model),
-                       weights_bytes=_tensor_bytes(model), load_seconds=time.monotonic() - t0)
+    lm = LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=device,
+                     dtype=next(model.parameters()).dtype, parts=anatomy.find(model), weights_bytes=_tensor_bytes(model))
+    lm.batch_error = rows.probe(lm)
+    lm.load_seconds = time.monotonic() - t0
+    return lm
 
 
 def load_model(name_or_path: str = presets.TINY, device: str | torch.device = "auto", dtype=None) -> LoadedModel:

@@ -6,6 +6,8 @@ and tests drive them directly. A forward with breakpoints runs in its own thread
 pauses it there when that session asked to.
 While paused the thread gives up the device, so other sessions compute and the paused one can be
 swapped out; resume swaps it back before the thread runs on from the next layer.
+Decode steps of different sessions that wait for the device at the same moment run as one batched
+forward (DeviceLock.join picks the rows, rows.py runs them), each session's KV staying in its slab.
 """
 
 import contextlib
@@ -22,11 +24,12 @@ from .charges import capacity_for, held_bytes
 from .memory import MemoryManager
 from .prefetch import Prefetcher
 from .protocol import DjinnError
-from .scheduler import DeviceLock
+from .scheduler import QOS_RANK, DeviceLock
 from .session import Aborted, Session, State
 
 _running: contextvars.ContextVar = contextvars.ContextVar("djinn_session", default=None)
 MAX_VALUES = 1 << 16  # elements an inspect may return
+PREFILL_CHUNK = 512  # tokens a prefill segment feeds at most
 
 
 def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
@@ -35,7 +38,8 @@ def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
 
 class Runtime:
     def __init__(self, lm, bus, budget: int, host_pool: int, spill_dir, capacity: int = 0,
-                 device_lock: DeviceLock | None = None, costs: devicecosts.DeviceCosts | None = None):
+                 device_lock: DeviceLock | None = None, costs: devicecosts.DeviceCosts | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.lm, self.bus = lm, bus
         self.costs = costs or devicecosts.measure(lm)  # CUDA: temporaries and workspaces, charged too
         overhead = self.costs.thread_bytes * self.costs.handles
@@ -46,6 +50,9 @@ class Runtime:
         self._compute_threads = {self.costs.owner} - {None}  # alive ones hold a workspace each
         self._workspaces = self.costs.handles
         self.device_lock = device_lock or DeviceLock()
+        if lm.batch_error:  # its decode steps run one at a time, whatever is asked
+            self.device_lock.configure(max_batch=1)
+        self.prefill_chunk = prefill_chunk
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -123,44 +130,74 @@ class Runtime:
         s = self.get(sid)
         return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
 
-    def step_now(self, sid) -> int | None:
-        """One decode step of an idle, resident session, on the caller's thread, if it can start at
-        once (the device free, its KV with room for the token, the budget with room for its
-        activations); None, with nothing changed, otherwise.
+    def steps_now(self, sids) -> dict:
+        """Decode steps that can start at once, run on the caller's thread as one batched forward:
+        sessions idle and resident, the device free and nobody waiting for it, the budget with room
+        for the activations (and a full slab's growth) without swapping anyone out. {session id: its token, or the DjinnError
+        its step met}; a session left out (and anything about it) is unchanged.
 
-        The RPC loop answers token-by-token decoding this way: two thread hand-offs are most of
-        what a call costs over a small model's token.
+        The RPC loop answers token-by-token decoding this way: the steps that came in together
+        share a forward, and two thread hand-offs are most of what a call costs over a small
+        model's token.
         """
-        s = self.sessions.get(sid)
-        if s is None or not self._steppable(s):
-            return None
-        act = self._forward_bytes(1)
-        if not self._take_thread(make_room=False) or not self.mem.pin_resident(s, act):
-            return None  # (from here no swap-out can take it, and its activations have room)
-        try:
+        cands = []
+        for sid in dict.fromkeys(sids):
+            s = self.sessions.get(sid) if isinstance(sid, int) else None
+            if s is not None and self._steppable(s):
+                cands.append(s)
+        cands = sorted(cands, key=lambda s: QOS_RANK.get(s.qos, 1))[:self.device_lock.max_batch]
+        if not cands or not self._take_thread(make_room=False):
+            return {}
+        if not self.device_lock.acquire(cands[0].qos, wait=False):
+            return {}
+        act, rows = self._row_bytes(len(cands)), []
+        for s in cands:
             if not s.op_lock.acquire(blocking=False):
-                return None
-            try:
-                if not self.device_lock.acquire(s.qos, wait=False):
-                    return None
-                with s.cond:
-                    if not self._steppable(s):  # another request's forward came first
-                        self.device_lock.release()
-                        return None
+                continue
+            with s.cond:  # another request's forward may have come first
+                if self._steppable(s) and self._pin_now(s, act):
                     s.state, s.breakpoints, s.error, s.token = State.RUNNING, [], None, None
-                    s.forward_pinned, s.act_charge, act = True, act, 0  # the forward's end gives both back
-                return self._forward(s, holding=True)
-            finally:
-                s.op_lock.release()
+                    s.forward_pinned, s.act_charge = True, act
+                    rows.append(s)
+                    continue
+            s.op_lock.release()
+        if not rows:
+            self.device_lock.release()
+            return {}
+        try:
+            self._run_batch(rows)
+            out = {}
+            for s in rows:
+                err, s.error = s.error, None
+                out[s.id] = _as_djinn_error(s, err) if err is not None else s.token
+            return out
         finally:
-            if act:  # it did not start
-                self.mem.unpin(s, release=act)
+            for s in rows:
+                s.op_lock.release()
 
     @staticmethod
     def _steppable(s: Session) -> bool:
-        """Idle, with one token to decode, and room for it in its KV slab."""
-        return (s.state == State.IDLE and not s.closing and len(s.pending) == 1
-                and s.cache.capacity_for(s.cache.seq_len + 1) <= s.cache.capacity)
+        """Idle, with one token to decode."""
+        return s.state == State.IDLE and not s.closing and len(s.pending) == 1
+
+    def _pin_now(self, s: Session, act: int) -> bool:
+        """Pin `s` on the device for a decode step, charged `act` bytes of activations and its slab
+        grown if full, if it is resident and all that fits without swapping anyone out; else False
+        with nothing changed."""
+        cache = s.cache
+        cap = cache.capacity_for(cache.seq_len + 1)
+        new = cache.bytes_for(cap) if cap > cache.capacity else 0
+        if not self.mem.pin_resident(s, act + new):
+            return False
+        if new:
+            old = cache.nbytes
+            try:
+                cache.grow(cap)
+            except Exception:  # noqa: BLE001 - no memory for it: declined, as if it did not fit
+                self.mem.unpin(s, release=act + new)
+                return False
+            self.mem.release(s, old)
+        return True
 
     def run_to(self, sid, layers) -> dict:
         """Start the next forward with breakpoints after the given decoder layers; return at the first."""
@@ -194,9 +231,15 @@ class Runtime:
                 if breakpoints:  # it may pause: a thread of its own, which waits there for resume
                     s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
                     s.thread.start()
-            if not breakpoints:  # it cannot pause: run it here and spare a thread hand-off per token
-                return {"state": "idle", "token": self._forward(s)}
-            return self._wait(s)
+            if breakpoints:
+                return self._wait(s)
+            if len(s.pending) == 1:  # a decode step: it may share a forward with other sessions' steps
+                waking, s.waking = s.waking, False
+                rows = self.device_lock.join(s, s.qos, waking)
+                if rows is not None:
+                    self._run_batch(rows)
+                return self._wait(s)
+            return {"state": "idle", "token": self._forward(s)}  # a prefill, here: no thread hand-off
         finally:
             s.op_lock.release()
 
@@ -220,94 +263,159 @@ class Runtime:
                 return {"state": "paused", "layer": s.layer}
             return {"state": s.state, "token": s.token}
 
-    def _forward(self, s: Session, holding: bool = False) -> int | None:
-        """One forward pass: compute on the device, pausing at breakpoints, then record the token.
-
-        One without breakpoints runs on its caller's thread and returns the token (or raises) to it
-        directly; one with breakpoints runs in a thread of its own and leaves its outcome on the
-        session for `_wait`.
-        """
-        inline = not s.breakpoints
-        start_len = s.cache.seq_len
-        token = None
+    def _run_batch(self, rows: list[Session]) -> None:
+        """One decode step of every row as one forward, holding a device slot (given back here).
+        Each row's outcome is left on its session, as a forward with breakpoints leaves its, for
+        `_wait` on the thread that asked for it; a row that cannot enter fails alone."""
+        act = self._row_bytes(len(rows))
+        ready = []
+        for s in rows:
+            try:
+                self.prefetch.computing(s)
+                if not s.forward_pinned:  # (steps_now pinned and charged its rows)
+                    self._enter(s, 1, act)
+                s.touch()
+                ready.append(s)
+            except Exception as e:  # noqa: BLE001 - that row's error; the others run
+                self._leave(s)
+                self._end(s, e)
+        start = [s.cache.seq_len for s in ready]
+        outcome = None
         try:
-            token = self._compute(s, holding)
-            outcome = None
-        except Aborted:
-            outcome = DjinnError("bad_state", f"session {s.id} was closed")
-        except Exception as e:  # noqa: BLE001 - any failure answers the caller; the session stays usable
-            for layer in s.cache.layers:
-                layer.length = start_len
+            if ready:
+                with torch.inference_mode():
+                    if len(ready) == 1:
+                        s = ready[0]
+                        logits = self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache)[None]
+                    else:
+                        logits = self.lm.forward_rows([s.pending[0] for s in ready], [s.cache for s in ready])
+                    outcome = logits.argmax(-1).tolist()
+        except Exception as e:  # noqa: BLE001 - every row gets it; their sessions stay usable
             outcome = e
+            for s, n in zip(ready, start):
+                for layer in s.cache.layers:
+                    layer.length = n
+        finally:
+            self.device_lock.release([s.qos for s in ready])
+        for i, s in enumerate(ready):
+            self._leave(s)
+            if isinstance(outcome, Exception):
+                self._end(s, outcome)
+            else:
+                token = outcome[i]
+                s.generated.append(token)
+                s.pending = [token]
+                s.token = token
+                self._end(s, None)
+
+    def _end(self, s: Session, error: Exception | None) -> None:
+        """A forward of `s` is over: idle again, with the error its caller gets, if any."""
         with s.cond:
             s.state, s.layer = State.IDLE, None
             s.touch()
             s.resume_requested = False
-            if isinstance(outcome, Exception) and not inline:
-                s.error = outcome
+            s.error = error
             s.cond.notify_all()
+
+    def _forward(self, s: Session) -> int | None:
+        """A forward with breakpoints (in a thread of its own, its outcome left on the session for
+        `_wait`) or a prefill (on its caller's thread, which gets the token or the error).
+
+        A prefill without breakpoints runs in chunks of at most `prefill_chunk` tokens, each a forward
+        segment of its own: a decode step waits behind one chunk at most, and the activations charged
+        are a chunk's. A forward with breakpoints runs whole: a pause shows every token of it.
+        """
+        inline = not s.breakpoints
+        token = None
+        try:
+            while token is None:
+                token = self._segment(s)
+            outcome = None
+        except Aborted:
+            outcome = DjinnError("bad_state", f"session {s.id} was closed")
+        except Exception as e:  # noqa: BLE001 - any failure answers the caller; the session stays usable
+            outcome = e
+        self._end(s, None if inline else outcome)
         if inline:
-            if isinstance(outcome, Exception):
+            if outcome is not None:
                 raise _as_djinn_error(s, outcome)
             return token
         if outcome is None:  # a white-box forward's end; plain decode steps stay quiet
             self._event(s, "finished", token=token)
         return None
 
-    def _compute(self, s: Session, holding: bool) -> int:
-        """The forward itself; whatever it took (device, pins, charges, hooks) is given back however it ends."""
+    def _segment(self, s: Session) -> int | None:
+        """One forward segment: the first `n` pending tokens through the model; the token when they
+        were the last, None when a prefill has chunks to go (and its pending tokens are the rest)."""
+        n = len(s.pending) if s.breakpoints else min(len(s.pending), self.prefill_chunk)
+        if s.closing:  # closed between two chunks
+            raise Aborted()
+        start_len = s.cache.seq_len
         running = _running.set(s)
-        s.long_segment = len(s.pending) > 1  # a prefill: it hands the device over between layers when asked
+        s.long_segment = n > 1  # a prefill: it hands the device over between layers when asked
         hooked = False
         try:
             if s.breakpoints or s.long_segment:  # it may pause, hand over or be closed between layers
                 self._use_hooks()
                 hooked = True
             waking, s.waking = s.waking, False
-            if not holding:  # a decode step goes before a prefill, and a waking one before the others
-                self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
-            self._enter(s, len(s.pending), charged=holding)
+            self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
+            self.prefetch.computing(s)
+            self._enter(s, n, self._forward_bytes(n))
+            s.touch()
             with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
-                token = int(self.lm.forward(torch.tensor([s.pending], device=self.lm.device), s.cache.cache).argmax())
+                logits = self.lm.forward(torch.tensor([s.pending[:n]], device=self.lm.device), s.cache.cache)
+            if n < len(s.pending):
+                s.pending = s.pending[n:]
+                return None
+            token = int(logits.argmax())
             s.generated.append(token)
             s.pending = [token]
             s.token = token
             return token
+        except BaseException:
+            for layer in s.cache.layers:
+                layer.length = start_len
+            raise
         finally:
             s.embeds, s.held, s.hidden = None, [], None
-            self.mem.release(s, s.act_charge)
-            s.act_charge = 0
-            if s.forward_pinned:
-                self._unpin_forward(s)
+            self._leave(s)
             if self.device_lock.held_by_me():
                 self.device_lock.release()
             if hooked:
                 self._drop_hooks()
             _running.reset(running)
 
-    def _enter(self, s: Session, new_tokens: int, charged: bool = False) -> None:
-        """Make `s` resident and charge it for this forward's KV growth and activations, before allocating
-        (`charged`: step_now has pinned it resident, with room for both)."""
-        self.prefetch.computing(s)
-        if not charged:
-            self._take_thread()
-            self._pin_forward(s)
-            self.mem.swap_in(s, reason="demand")
-            cache = s.cache
-            cap = cache.capacity_for(cache.seq_len + new_tokens)
-            if cap > cache.capacity:
-                old, new = cache.nbytes, cache.bytes_for(cap)
-                self.mem.reserve(s, new)
-                try:
-                    cache.grow(cap)
-                except BaseException:
-                    self.mem.release(s, new)
-                    raise
-                self.mem.release(s, old)
-            act = self._forward_bytes(new_tokens)
-            self.mem.reserve(s, act)
-            s.act_charge = act
-        s.touch()
+    def _enter(self, s: Session, new_tokens: int, act: int) -> None:
+        """Make `s` resident and charge it for a forward's KV growth and `act` bytes of activations,
+        before allocating; pinned until the forward ends."""
+        self._take_thread()
+        self._pin_forward(s)
+        self.mem.swap_in(s, reason="demand")
+        cache = s.cache
+        cap = cache.capacity_for(cache.seq_len + new_tokens)
+        if cap > cache.capacity:
+            old, new = cache.nbytes, cache.bytes_for(cap)
+            self.mem.reserve(s, new)
+            try:
+                cache.grow(cap)
+            except BaseException:
+                self.mem.release(s, new)
+                raise
+            self.mem.release(s, old)
+        self.mem.reserve(s, act)
+        s.act_charge = act
+
+    def _leave(self, s: Session) -> None:
+        """Give back what `_enter` took for a forward: its activations' charge and its pin."""
+        self.mem.release(s, s.act_charge)
+        s.act_charge = 0
+        if s.forward_pinned:
+            self._unpin_forward(s)
+
+    def _row_bytes(self, rows: int) -> int:
+        """Each row's part of a batched decode step's activations (on CUDA its temporaries)."""
+        return -(-self._forward_bytes(rows) // rows)
 
     def _act_bytes(self, tokens: int) -> int:
         """What a forward over `tokens` new tokens holds at a pause: embeddings, layer input, layer output."""

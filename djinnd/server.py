@@ -1,14 +1,15 @@
 """The RPC adapter: a zmq ROUTER for request/reply and a PUB for events, over Unix sockets.
 
 The asyncio loop only moves frames: handlers that may block run on a worker pool, so `status`
-and `ping` are answered at once while forwards and swaps are under way. A decode step that can
-start at once (see Runtime.step_now) is the exception: the loop runs it, as the hop would cost
-more than the step. After such a step the loop busy-polls the socket for a moment (as Linux's
+and `ping` are answered at once while forwards and swaps are under way. Decode steps that can
+start at once (see Runtime.steps_now) are the exception: the loop runs them, the ones that came in
+together as one batched forward, as the hop would cost more than the step. After such a step the loop busy-polls the socket for a moment (as Linux's
 SO_BUSY_POLL does) instead of sleeping: a token-by-token client's next step comes within a fraction
 of a millisecond, and taking it without a wake-up keeps the core warm and skips the event loop.
 """
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -57,66 +58,128 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="djinn-rpc")
         self._serving: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._stepped = collections.deque(maxlen=2)  # sessions whose steps the last two rounds answered here
 
     def stop(self):
         if self._serving is not None:
             self._serving.cancel()
 
     async def serve(self):
-        """Receive until stopped; quick methods are answered inline, slow ones from the worker pool."""
+        """Receive until stopped; quick methods are answered inline, slow ones from the worker pool.
+
+        Requests that have come in meanwhile are taken together: their decode steps share a forward.
+        Token-by-token clients would split into cohorts that take turns (the steps answered while a
+        batch runs come back for the next one), so while clients are asking at once (the loop has
+        not slept) it also waits up to `busy_poll_s` for the steps of every session that stepped in
+        the last two rounds: one forward serves them all."""
         self._serving = asyncio.current_task()
         try:
-            frames = await self.sock.recv_multipart()
+            requests, expect = [await self.sock.recv_multipart()], 0
             while True:
-                stepped = self._dispatch(frames)
-                frames = self._busy_poll() if stepped else None
-                if frames is None:
-                    frames = await self.sock.recv_multipart()
-                else:
+                requests += self._drain()
+                requests += self._busy_poll(expect - len(requests))
+                self._stepped.append(set())
+                answered = self._dispatch(requests)
+                expect = len(set().union(*self._stepped)) or min(answered, 1)
+                requests = self._busy_poll(min(answered, 1))
+                if requests:
                     await asyncio.sleep(0)  # the loop's other work (signals, replies) between two steps
+                else:
+                    self._stepped.clear()
+                    requests, expect = [await self.sock.recv_multipart()], 0
         except asyncio.CancelledError:
             pass
 
-    def _busy_poll(self):
-        """The next request if it comes within `busy_poll_s`, taken without sleeping; else None.
-        Not while slow requests are in flight: their replies are sent by the loop."""
-        end = time.perf_counter() + self.busy_poll_s
-        while not self._tasks and time.perf_counter() < end:
-            if self.sync_sock.get(zmq.EVENTS) & zmq.POLLIN:
-                return self.sync_sock.recv_multipart(zmq.NOBLOCK)
-        return None
+    def _drain(self, most: int = 4096) -> list:
+        """The requests already waiting on the socket, without sleeping."""
+        out = []
+        while len(out) < most:
+            try:
+                out.append(self.sync_sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return out
 
-    def _dispatch(self, frames) -> bool:
-        """Answer or start one request; True when it was answered on the loop (a client that asks
-        again at once, a decode step's next or a poll's, is then taken without sleeping)."""
+    def _busy_poll(self, expect: int) -> list:
+        """Up to `expect` requests, taken without sleeping while each comes within `busy_poll_s` of
+        the last (a client answered on the loop asks again at once; a batch's clients come back one
+        after another). Not while slow requests are in flight: the loop sends their replies."""
+        out = []
+        end = time.perf_counter() + self.busy_poll_s
+        while not self._tasks and len(out) < expect and time.perf_counter() < end:
+            if self.sync_sock.get(zmq.EVENTS) & zmq.POLLIN:
+                out.append(self.sync_sock.recv_multipart(zmq.NOBLOCK))
+                end = time.perf_counter() + self.busy_poll_s
+        return out
+
+    def _dispatch(self, requests) -> int:
+        """Answer or start each request, in order; consecutive decode steps go together. How many
+        were answered on the loop (clients that then ask again at once are taken without sleeping)."""
+        answered, steps = 0, []
+        for frames in requests:
+            req = self._parse(frames)
+            if req is None:
+                continue
+            if self.service.is_step(req[2], req[3]):
+                steps.append(req)
+                continue
+            answered += self._steps(steps) + self._one(*req)
+            steps = []
+        return answered + self._steps(steps)
+
+    def _parse(self, frames):
+        """(ident, rid, method, params as wire.check made them), or None when answered with an error."""
         if len(frames) < 2:
-            return False
+            return None
         ident, body = frames[0], frames[-1]
         if len(frames) > 3:
             self._send(ident, protocol.error(None, "malformed", "a request is one frame"))
-            return False
+            return None
         try:
             rid, method, params = protocol.parse_request(body)
         except DjinnError as e:
             self._send(ident, protocol.error(getattr(e, "rid", None), e.code, e.message))
-            return False
+            return None
         try:
-            kw = wire.check(method, params)  # once, here: the handlers take what it made of them
+            return ident, rid, method, wire.check(method, params)  # once, here: the handlers take what it made of them
         except DjinnError as e:
             self._send(ident, protocol.error(rid, e.code, e.message))
-            return True
+            return None
+
+    def _one(self, ident, rid, method, kw) -> int:
         if method in wire.SLOW:
             reply = self._answer(rid, lambda: self.service.now(method, kw))
             if reply is not None:
                 self._send(ident, reply)
-                return True
-            task = asyncio.ensure_future(self._answer_slow(ident, rid, method, kw))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self._send(ident, self._answer(rid, lambda: self.service.handle(method, kw)))
-            return True
-        return False
+                return 1
+            self._slow(ident, rid, method, kw)
+            return 0
+        self._send(ident, self._answer(rid, lambda: self.service.handle(method, kw)))
+        return 1
+
+    def _steps(self, steps) -> int:
+        """Decode steps: those that can start at once run here as one forward, the rest on workers."""
+        if not steps:
+            return 0
+        try:
+            results = self.service.steps_now([kw for _, _, _, kw in steps])
+        except Exception as e:  # noqa: BLE001 - a request never takes the daemon down
+            log.exception("decode steps on the loop failed")
+            results = [DjinnError("internal", f"internal error: {e!r}")] * len(steps)
+        answered = 0
+        for (ident, rid, method, kw), result in zip(steps, results):
+            if result is NOT_NOW:
+                self._slow(ident, rid, method, kw)
+            else:
+                self._send(ident, self._answer(rid, lambda: _raise_or(result)))
+                self._stepped[-1].add(kw["session"])
+                answered += 1
+        return answered
+
+    def _slow(self, ident, rid, method, kw) -> None:
+        task = asyncio.ensure_future(self._answer_slow(ident, rid, method, kw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer_slow(self, ident, rid, method, kw) -> None:
         loop = asyncio.get_running_loop()
@@ -160,6 +223,12 @@ class Server:
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.sock.close(0)
+
+
+def _raise_or(result):
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def chmod_socket(path) -> None:

@@ -26,17 +26,27 @@ class Service:
 
     def now(self, method: str, kw: dict):
         """A slow method's result when it is ready without waiting, else NOT_NOW (then `handle` it on
-        a worker): a one-token decode step of a resident session on a free device, or COMPUTE for
-        a resident session (a no-op but for the phase)."""
-        if method == "session.generate" and kw["max_new_tokens"] == 1:
-            token = self.rt.step_now(kw["session"])
-            if token is not None:
-                return {"tokens": [token]}
-        elif method == "session.signal_phase" and kw["phase"] == "COMPUTE":
+        a worker): COMPUTE for a resident session (a no-op but for the phase)."""
+        if method == "session.signal_phase" and kw["phase"] == "COMPUTE":
             s = self.rt.sessions.get(kw["session"])
             if s is not None and s.stored is None:
                 return self.signal_phase(**kw)
         return NOT_NOW
+
+    @staticmethod
+    def is_step(method: str, kw: dict) -> bool:
+        """A one-token decode step: `steps_now` may answer it, in one forward with the others."""
+        return method == "session.generate" and kw["max_new_tokens"] == 1
+
+    def steps_now(self, kws: list[dict]) -> list:
+        """For each decode step's parameters, its result, a DjinnError, or NOT_NOW (a worker runs it):
+        the steps that can start at once share one forward on the caller's thread."""
+        done = self.rt.steps_now([kw["session"] for kw in kws])
+        out = []
+        for kw in kws:
+            r = done.pop(kw["session"], NOT_NOW)  # a session's second step in the list goes to a worker
+            out.append(r if r is NOT_NOW or isinstance(r, DjinnError) else {"tokens": [r]})
+        return out
 
     # -- daemon ----------------------------------------------------------------------------------
     def ping(self):
@@ -92,6 +102,8 @@ class Service:
             if "shares" in kw:
                 shares = kw["shares"]
                 kw["shares"] = None if shares == "" else parse_shares(shares) if isinstance(shares, str) else shares
+            if kw.get("max_batch", 1) > 1 and self.rt.lm.batch_error:
+                raise DjinnError("unsupported", f"decode steps of this model run one at a time: {self.rt.lm.batch_error}")
             if "escalation_ms" in kw:
                 ms = kw.pop("escalation_ms")
                 kw["escalation_s"] = ms / 1000 if ms else None

@@ -64,6 +64,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("scheduler.set", (
         Param("fcfs", "bool", ABSENT), Param("shares", "shares", ABSENT, doc='"realtime=0.1,interactive=0.7,batch=0.2"'),
         Param("max_concurrency", "int", ABSENT, lo=1, hi=1024), Param("lifo", "bool", ABSENT),
+        Param("max_batch", "int", ABSENT, lo=1, hi=1024, doc="decode steps that may share one forward (1: no batching)"),
         Param("escalation_ms", "number", ABSENT, lo=0, nullable=True, doc="null: off"),
         Param("wake_first", "bool", ABSENT, doc="a session's first step after IO_WAIT before other decode steps of its class"),
     ), "the scheduler's figures", "change the QoS policy live", "set_scheduler"),

@@ -294,7 +294,7 @@ def test_close_stops_a_running_prefill_at_its_next_layer(rt, lm):
 def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(rt):
     ref = reference(rt)
     s = rt.create(prompt=PROMPT)
-    assert rt.step_now(s.id) is None  # the prompt's prefill is no decode step
+    assert rt.steps_now([s.id]) == {}  # the prompt's prefill is no decode step
     toks = rt.generate(s.id, 1)
     held = threading.Event()
     release = threading.Event()
@@ -312,7 +312,7 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
         return s.state, s.cache.seq_len, list(s.generated), s.charge, s.pins, rt.mem.used
 
     before = books()
-    assert rt.step_now(s.id) is None  # the device is busy: nothing changes
+    assert rt.steps_now([s.id]) == {}  # the device is busy: nothing changes
     assert books() == before
     release.set()
     t.join()
@@ -321,42 +321,31 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     budget = rt.mem.budget
     rt.mem.set_budget(rt.mem.used + rt._act_bytes(1) - 1)  # a step's activations do not fit
     before = books()
-    assert rt.step_now(s.id) is None  # no room: declined, nobody swapped out on the caller's thread
+    assert rt.steps_now([s.id]) == {}  # no room: declined, nobody swapped out on the caller's thread
     assert books() == before
     assert other.stored is None and rt.mem.counters["swap_outs"] == 0
     rt.mem.set_budget(budget)
     rt.close(other.id)
     rt.mem.swap_out(s)
-    assert rt.step_now(s.id) is None  # swapped out: a swap-in is for a worker, not the caller
+    assert rt.steps_now([s.id]) == {}  # swapped out: a swap-in is for a worker, not the caller
     toks += rt.generate(s.id, 1)
     while len(toks) < GEN:
-        token = rt.step_now(s.id)
-        assert token is not None
-        toks.append(token)
+        toks.append(rt.steps_now([s.id])[s.id])
     assert toks == ref
-    assert rt.step_now(999) is None and rt.step_now("1") is None
+    assert rt.steps_now([999, "1"]) == {}
 
 
-def test_a_step_that_another_forward_overtakes_to_a_full_kv_slab_is_declined(rt):
-    """Another client's step may come between step_now's first look and its pin, and fill the
-    slab: the step is then declined (for a worker, which grows the slab), not failed."""
+def test_a_step_on_the_callers_thread_grows_a_full_slab_when_the_budget_has_room(rt):
     s = rt.create(prompt=PROMPT)
     toks = rt.generate(s.id, 1)
-    while s.cache.seq_len < s.cache.capacity - 1:
+    while s.cache.seq_len < s.cache.capacity:
         toks += rt.generate(s.id, 1)
     ref = reference(rt, n=len(toks) + 2)
-    real = rt.mem.pin_resident
-
-    def overtaken(sess, nbytes):
-        rt.mem.pin_resident = real
-        toks.extend(rt.generate(s.id, 1))  # the slab is full now
-        return real(sess, nbytes)
-
-    rt.mem.pin_resident = overtaken
-    capacity = s.cache.capacity
-    assert rt.step_now(s.id) is None
-    assert s.cache.seq_len == capacity and s.pins == 0 and s.state == "idle"
-    toks += rt.generate(s.id, 1)  # grows the slab
+    capacity, swaps = s.cache.capacity, rt.mem.counters["swap_outs"]
+    toks.append(rt.steps_now([s.id])[s.id])
+    assert s.cache.capacity > capacity and s.charge == s.cache.nbytes and s.pins == 0
+    assert rt.mem.counters["swap_outs"] == swaps
+    toks += rt.generate(s.id, 1)
     assert toks == ref
 
 
@@ -366,7 +355,7 @@ def test_a_forward_answers_its_own_caller_whatever_another_client_does_the_momen
     comes after it (or is refused, the session busy)."""
     ref = reference(rt, n=3)
     s = rt.create(prompt=PROMPT)
-    real_forward, real_wait, other = rt._forward, rt._wait, {}
+    real_batch, real_wait, other = rt._run_batch, rt._wait, {}
 
     def act_then(call, answer):  # another client's request, given a second to come first
         t = threading.Thread(target=lambda: other.update(result=call()))
@@ -375,22 +364,21 @@ def test_a_forward_answers_its_own_caller_whatever_another_client_does_the_momen
         other["thread"] = t
         return answer()
 
-    def forward(sess, holding=False):  # a decode step ends; another client's run_to comes at once
-        token = real_forward(sess, holding)
-        if sess is s and len(sess.generated) == 2 and not other:
+    def run_batch(rows):  # a decode step ends; another client's run_to comes at once
+        real_batch(rows)
+        if s in rows and len(s.generated) == 2 and not other:
             def run_to():
                 try:
                     return rt.run_to(s.id, [2])
                 except DjinnError as e:
                     return e.code
-            return act_then(run_to, lambda: token)
-        return token
+            act_then(run_to, lambda: None)
 
-    rt._forward = forward
+    rt._run_batch = run_batch
     assert rt.generate(s.id, 2) == ref[:2]
     other["thread"].join()
     assert other["result"] == "bad_state"  # refused: the step's caller was still to be answered
-    rt._forward = real_forward
+    rt._run_batch = real_batch
 
     def wait(sess, resumed=False):  # the run_to's forward pauses; another client resumes it at once
         if sess is s and not resumed and "resumed" not in other:

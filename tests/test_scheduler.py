@@ -396,3 +396,80 @@ def test_parse_shares():
     for bad in ("realtime=1", "gold=1,realtime=1,interactive=1,batch=1", "realtime=0,interactive=1,batch=1", "x"):
         with pytest.raises(ValueError):
             parse_shares(bad)
+
+
+# -- decode batches ------------------------------------------------------------------------------------
+def test_waiting_decode_steps_run_as_one_batch_led_by_the_first_the_policy_picks():
+    lock = DeviceLock(max_batch=8, gather_s=0)
+    rows = [("b1", "batch"), ("i1", "interactive"), ("r1", "realtime"), ("i2", "interactive")]
+    lock.acquire()
+    got, threads = {}, []
+    for name, qos in rows:
+        def step(n=name, q=qos):
+            mine = lock.join(n, q)
+            got[n] = mine
+            if mine is not None:
+                lock.release([q] * len(mine))
+        threads.append(threading.Thread(target=step))
+        threads[-1].start()
+        while len(lock._waiting) < len(threads):
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert got == {"r1": ["r1", "i1", "i2", "b1"], "b1": None, "i1": None, "i2": None}
+    f = lock.figures()
+    assert f["batches"] == {"forwards": 1, "rows": 4, "largest": 4} and f["in_flight"] == 0
+    assert f["served"] == {"realtime": 1, "interactive": 3, "batch": 1}  # (and the holder before them)
+
+
+def test_a_full_batch_takes_the_urgent_classes_and_leaves_the_rest_for_the_next():
+    lock = DeviceLock(max_batch=2, gather_s=0)
+    order = []
+    lock.acquire()
+    threads = []
+    for name, qos in [("b1", "batch"), ("b2", "batch"), ("r1", "realtime"), ("i1", "interactive")]:
+        def step(n=name, q=qos):
+            mine = lock.join(n, q)
+            if mine is not None:
+                order.append(mine)
+                lock.release([q] * len(mine))
+        threads.append(threading.Thread(target=step))
+        threads[-1].start()
+        while len(lock._waiting) < len(threads):
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert order == [["r1", "i1"], ["b1", "b2"]]
+
+
+def test_a_batch_waits_a_moment_for_the_steps_of_its_last_rows_to_come_back():
+    lock = DeviceLock(max_batch=8, gather_s=2.0)
+
+    def step(name):
+        rows = lock.join(name)
+        if rows is not None:
+            lock.release(["interactive"] * len(rows))
+        return rows
+
+    lock.acquire()  # two steps wait, run together: the two sessions are the batch's cohort
+    ts = [threading.Thread(target=step, args=(n,)) for n in ("a", "b")]
+    for t in ts:
+        t.start()
+    while len(lock._waiting) < 2:
+        time.sleep(0.001)
+    lock.release()
+    for t in ts:
+        t.join(5)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(b=step("b")))
+    t0 = time.monotonic()
+    leader = threading.Thread(target=lambda: got.update(a=step("a")))
+    leader.start()  # "a" alone would run at once; it waits for "b", which comes 0.2 s later
+    time.sleep(0.2)
+    t.start()
+    leader.join(5)
+    t.join(5)
+    assert sorted(x for v in got.values() if v for x in v) == ["a", "b"] and time.monotonic() - t0 < 2.0
+    assert lock.figures()["batches"]["forwards"] == 2
