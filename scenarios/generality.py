@@ -6,14 +6,16 @@ loaded in this process, and the bytes a transformers DynamicCache holds.
 """
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from djinnd import DjinnError, PrivateDaemon, PrivateDaemonError, estimate
+from djinnd import Client, DjinnError, PrivateDaemon, PrivateDaemonError, estimate
 
 from .common import Skip
 from .exp3_plan import crit
 
-CHECKS = ("tokens", "pause_every_layer", "swap", "capacity_math", "lens")
+CHECKS = ("tokens", "batched", "pause_every_layer", "swap", "capacity_math", "lens")
+BATCH_ROWS = 4
 
 
 def needs_daemon(p: dict) -> bool:
@@ -159,6 +161,40 @@ class _Checks:
             self.c.close(sid)
         return self._same(self.plain)
 
+    def batched(self):
+        """Sessions of prompts of different lengths, decoded token by token at once (a client each,
+        their steps sent together): each gets from the daemon's batches the tokens it gets alone.
+        In this process the same steps batched over the same slabs give every row's logits within
+        1e-4 (fp32) of its unbatched step's."""
+        prompts = [self.ids[:max(1, len(self.ids) - k)] for k in range(BATCH_ROWS)]
+        alone, diff = _alone_and_batched(self.lm, prompts, self.n)
+        sids = [self.c.create_session(token_ids=p) for p in prompts]
+        got, before = [[] for _ in prompts], self.c.status()["scheduler"]["batches"]
+        together = threading.Barrier(len(prompts))
+
+        def decode(i):
+            with Client(self.c.socket_path, timeout=120) as c:
+                for _ in range(self.n):
+                    together.wait(60)
+                    got[i] += c.generate(sids[i], 1)
+        try:
+            threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+        finally:
+            for sid in sids:
+                self.c.close(sid)
+        after = self.c.status()["scheduler"]["batches"]
+        rows = after["rows"] - before["rows"]
+        forwards = after["forwards"] - before["forwards"]
+        tol_ok = diff <= 1e-4 or self.model.get("dtype") != "float32"
+        ok = got == alone and rows > forwards and tol_ok
+        return ok, (f"{len(prompts)} sessions x {self.n} tokens: {rows} decode steps in {forwards} forwards (largest "
+                    f"batch {after['largest']}): tokens {'equal' if got == alone else 'DIFFER'} to each alone; "
+                    f"largest logit difference {diff:.1e}")
+
     def pause_every_layer(self):
         sid = self._session()
         try:
@@ -222,6 +258,35 @@ class _Checks:
         tol = 1e-4 if self.model.get("dtype") == "float32" else 2e-2
         ok = [t["token"] for t in got] == want.indices.tolist() and diff < tol and token == got[0]["token"]
         return ok, f"top-5 {'equal' if ok else [t['token'] for t in got]}, largest probability difference {diff:.1e}"
+
+
+def _alone_and_batched(lm, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+    """Each prompt's n greedy tokens decoded alone (the daemon's unbatched path), and the largest
+    logit difference of the same decode steps run as one batch over the same slabs."""
+    import torch
+
+    def prefill(p):
+        cache = lm.new_cache()
+        cache.grow(cache.capacity_for(len(p) + n))
+        return cache, lm.forward(torch.tensor([p], device=lm.device), cache.cache)
+
+    with torch.inference_mode():
+        alone, steps = [], []
+        for p in prompts:
+            cache, logits = prefill(p)
+            tokens, seen = [int(logits.argmax())], []
+            for _ in range(n - 1):
+                logits = lm.forward(torch.tensor([tokens[-1:]], device=lm.device), cache.cache).float()
+                seen.append(logits)
+                tokens.append(int(logits.argmax()))
+            alone.append(tokens)
+            steps.append(seen)
+        caches = [prefill(p)[0] for p in prompts]
+        diff = 0.0
+        for i in range(n - 1):  # every row fed its own alone token: the differences do not compound
+            batched = lm.forward_rows([t[i] for t in alone], caches).float()
+            diff = max(diff, (batched - torch.stack([s[i] for s in steps])).abs().max().item())
+    return alone, diff
 
 
 def _failures(rows: list[dict], check: str) -> str:
