@@ -1,8 +1,8 @@
 """One decode step through djinnd's runtime, in one process, against the bare transformers loop.
 
-The RPC loop answers a token-by-token client with `Runtime.step_now`; this times it without the
+The RPC loop answers a token-by-token client with `Runtime.steps_now`; this times it without the
 socket, next to the least a step can cost: the same model, a plain greedy loop over a DynamicCache
-under inference_mode, on the same thread. `step_now` is timed twice: alone (no forward that may
+under inference_mode, on the same thread. `steps_now` (one session) is timed twice: alone (no forward that may
 pause is open, so the layer hooks are off) and beside a session paused at a breakpoint (hooks on).
 Runs of each way alternate; the figures are medians, and each ratio is paired run by run.
 
@@ -57,8 +57,8 @@ def main() -> None:
         for _ in range(a.tokens):
             sync()
             t0 = time.perf_counter()
-            if rt.step_now(s.id) is None:
-                raise SystemExit("step_now declined a step: raise the budget")
+            if s.id not in rt.steps_now([s.id]):
+                raise SystemExit("steps_now declined a step: raise the budget")
             lat.append(time.perf_counter() - t0)
         for x in (s, paused):
             if x:

@@ -143,7 +143,7 @@ def _serve(config, rt, bus) -> int:
             return 2
         service.metrics_url = metrics.url
         metrics.start()
-    sampler = Sampler(bus, rt.mem, rt.lm.device, config.sample_hz)
+    sampler = Sampler(bus, rt.mem, rt.lm.device, config.sample_hz, rt.device_lock)
     sampler.start()
 
     async def main():

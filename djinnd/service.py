@@ -41,7 +41,13 @@ class Service:
     def steps_now(self, kws: list[dict]) -> list:
         """For each decode step's parameters, its result, a DjinnError, or NOT_NOW (a worker runs it):
         the steps that can start at once share one forward on the caller's thread."""
-        done = self.rt.steps_now([kw["session"] for kw in kws])
+        done, left = {}, [kw["session"] for kw in kws]
+        while left:  # more than a batch holds: the next batch at once, on the device just freed
+            ran = self.rt.steps_now(left)
+            if not ran:
+                break
+            done.update(ran)
+            left = [sid for sid in left if sid not in ran]
         out = []
         for kw in kws:
             r = done.pop(kw["session"], NOT_NOW)  # a session's second step in the list goes to a worker

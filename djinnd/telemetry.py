@@ -154,10 +154,11 @@ class FileSink:
 
 
 class Sampler:
-    """Samples memory and the daemon's own load at `hz`, emitting `vram` events."""
+    """Samples memory, decode batching and the daemon's own load at `hz`, emitting `vram` events."""
 
-    def __init__(self, bus: EventBus, memory, device, hz: float = 10.0):
+    def __init__(self, bus: EventBus, memory, device, hz: float = 10.0, scheduler=None):
         self.bus, self.memory, self.device, self.period = bus, memory, device, 1.0 / hz
+        self.scheduler = scheduler  # a DeviceLock: decode forwards and the steps they ran, so far
         self._stop = threading.Event()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
@@ -190,6 +191,9 @@ class Sampler:
         fields = {"used_bytes": m["device_bytes"], "budget_bytes": m["budget_bytes"], "capacity_bytes": m["capacity_bytes"],
                   "peak_bytes": m["peak_device_bytes"], "host_bytes": m["host_bytes"],
                   "host_capacity_bytes": m["host_capacity_bytes"], "disk_bytes": m["disk_bytes"]}
+        if self.scheduler is not None:  # counters: a reader's deltas give the mean batch between samples
+            b = self.scheduler.batches
+            fields["decode_forwards"], fields["decode_rows"] = b["forwards"], b["rows"]
         if self.device.type == "cuda":
             import torch
             fields["allocated_bytes"] = torch.cuda.memory_allocated(self.device)

@@ -48,7 +48,8 @@ def off_settings(p: dict) -> dict:
 def restore_settings(fig: dict) -> dict:
     """scheduler.set parameters that put back the figures `status.scheduler` showed."""
     return {"fcfs": fig["policy"] == "fcfs", "shares": fig["shares"] or "", "lifo": fig["lifo"],
-            "escalation_ms": fig["escalation_ms"], "max_concurrency": fig["max_concurrency"]}
+            "escalation_ms": fig["escalation_ms"], "max_concurrency": fig["max_concurrency"],
+            **({"max_batch": fig["max_batch"]} if "max_batch" in fig else {})}
 
 
 def clients_of(p: dict) -> list[dict]:
@@ -68,6 +69,8 @@ def run_mode(ctx, p: dict, mode: str, clients: list[dict], vocab: int, progress)
     settings = on_settings(p) if mode == "on" else off_settings(p)
     if p["max_concurrency"]:
         settings["max_concurrency"] = p["max_concurrency"]
+    if p["max_batch"]:
+        settings["max_batch"] = p["max_batch"]
     sched = c.set_scheduler(**settings)
     # sessions up front, prefilled: every timed request is k decode steps
     sids = {}

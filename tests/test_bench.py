@@ -45,3 +45,9 @@ def test_transport_bench_serves_the_same_tokens_every_way():
     out = run_bench("bench/transport.py", "--tokens", "4", "--runs", "1")
     ways = [line for line in out.splitlines() if "us a token" in line]
     assert len(ways) == 6 and all("tokens equal" in w for w in ways[1:]), out
+
+
+def test_batch_bench_runs_djinnd_batches_beside_padded_generate():
+    out = run_bench("bench/batch.py", "--batches", "1,4", "--tokens", "3", "--runs", "1")
+    rows = [line for line in out.splitlines() if "djinnd/generate" in line]
+    assert len(rows) == 2 and all("tokens equal in" in r for r in rows), out

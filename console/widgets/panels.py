@@ -89,7 +89,7 @@ class Facts(Static):
             ("swaps", f"{sw.get('swap_outs', 0)} out {size(sw.get('bytes_out', 0))} · "
                       f"{sw.get('swap_ins', 0)} in {size(sw.get('bytes_in', 0))}"),
             ("latency", f"p50 {ms(lat.get('p50'))} · p99 {ms(lat.get('p99'))} · {thr.get('p50', 0):.1f} GB/s"),
-            ("sessions", f"{st.get('sessions', len(state.sessions))}"),
+            ("sessions", f"{st.get('sessions', len(state.sessions))}" + _batches(st.get("scheduler") or {})),
             ("uptime", f"{duration(st.get('uptime_s'))} · pid {st.get('pid', '?')} · v{st.get('version', '?')}"),
             ("device", f"{dev.get('kind', '?')} {dev.get('name', '')} {dev.get('dtype', '')}".strip()),
             ("KV", f"{size(m.get('kv_bytes_per_token'))} per token"),
@@ -99,6 +99,15 @@ class Facts(Static):
             t.append(f"{k:<9}", "bold")
             t.append(v + ("\n" if i < len(rows) - 1 else ""))
         self.update(t)
+
+
+def _batches(sched: dict) -> str:
+    """Decode steps per forward so far, beside the largest batch and the cap."""
+    b = sched.get("batches")
+    if not b:
+        return ""
+    mean = b["rows"] / b["forwards"] if b["forwards"] else 0.0
+    return f" · decode batches mean {mean:.1f}, largest {b['largest']} (max {sched.get('max_batch', '?')})"
 
 
 def swap_line(ev: dict, compact: bool = False) -> Text:
