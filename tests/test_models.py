@@ -123,8 +123,9 @@ def test_sizes(cache):
     assert buffer_bytes < 1024  # only the rotary tables: weights are the parameters
     d = lm.describe()
     assert set(d) == {"name", "path", "family", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
-                      "hidden_size", "load_seconds", "lens", "activation_bytes_per_token", "kv_granule_tokens", "slab_growth"}
-    assert d["family"] == "llama" and d["lens"] is True
+                      "hidden_size", "load_seconds", "lens", "batching", "activation_bytes_per_token", "kv_granule_tokens",
+                      "slab_growth"}
+    assert d["family"] == "llama" and d["lens"] is True and d["batching"] is True
     assert d["activation_bytes_per_token"] == 3 * lm.hidden_size * 4  # embeddings, layer input, output; fp32
     assert d["dtype"] == "float32" and d["name"] == "tiny-llama"
 

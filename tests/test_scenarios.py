@@ -175,3 +175,17 @@ def test_catalog_parses_sets_as_the_daemon_and_users_write_them():
         sc.parse_sets(["sessions=0"])
     with pytest.raises(catalog.ParamError, match="choose none, hold-all"):
         sc.parse_sets(["baseline=hold-some"])
+
+
+def test_scalability_sweeps_clients_batched_and_not_and_draws_both_curves(tmp_path):
+    out_dir = tmp_path / "scal"
+    out = scenario("run", "scalability", "--headless", "--output", str(out_dir),
+                   "--set", "clients=1,4", "--set", "seconds=0.5")
+    r = results(out_dir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert CONTRACT_KEYS <= set(r) and (out_dir / "scalability.png").read_bytes()[:4] == b"\x89PNG"
+    on, off = r["sweeps"]["batched"], r["sweeps"]["unbatched"]
+    assert [q["clients"] for q in on] == [q["clients"] for q in off] == [1, 4]
+    assert all(q["tokens"] > 0 and not q["errors"] for q in on + off)
+    assert on[1]["mean_batch"] > 1 and off[1]["mean_batch"] == 1.0  # four clients share forwards only when batched
+    assert {c["id"]: c["ok"] for c in r["criteria"]} == {"all_complete": True, "speedup": None, "beats_unbatched": None}
