@@ -133,8 +133,8 @@ class Runtime:
     def steps_now(self, sids) -> dict:
         """Decode steps that can start at once, run on the caller's thread as one batched forward:
         sessions idle and resident, the device free and nobody waiting for it, the budget with room
-        for the activations (and a full slab's growth) without swapping anyone out. {session id: its token, or the DjinnError
-        its step met}; a session left out (and anything about it) is unchanged.
+        for the activations (and a full slab's growth) without swapping anyone out. {session id:
+        its token, or the DjinnError its step met}; a session left out is unchanged.
 
         The RPC loop answers token-by-token decoding this way: the steps that came in together
         share a forward, and two thread hand-offs are most of what a call costs over a small

@@ -148,7 +148,7 @@ class DeviceLock:
         while len(me.rows) < want:
             left = deadline - self._clock()
             if left <= 0:
-                return
+                break
             self._cond.wait(left)
             if self._take_riders(me):
                 self._cond.notify_all()  # they wake to find themselves taken

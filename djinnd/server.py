@@ -2,10 +2,11 @@
 
 The asyncio loop only moves frames: handlers that may block run on a worker pool, so `status`
 and `ping` are answered at once while forwards and swaps are under way. Decode steps that can
-start at once (see Runtime.steps_now) are the exception: the loop runs them, the ones that came in
-together as one batched forward, as the hop would cost more than the step. After such a step the loop busy-polls the socket for a moment (as Linux's
-SO_BUSY_POLL does) instead of sleeping: a token-by-token client's next step comes within a fraction
-of a millisecond, and taking it without a wake-up keeps the core warm and skips the event loop.
+start at once (see Runtime.steps_now) are the exception: the loop runs them, those that came in
+together as one batched forward, as the hop would cost more than the step. After such a step the
+loop busy-polls the socket for a moment (as Linux's SO_BUSY_POLL does) instead of sleeping: a
+token-by-token client's next step comes within a fraction of a millisecond, and taking it without
+a wake-up keeps the core warm and skips the event loop.
 """
 
 import asyncio
