@@ -337,11 +337,12 @@ def test_a_model_whose_forward_fails_gets_an_error_reply_and_the_daemon_still_st
 def test_print_config_shows_the_settings_as_the_daemon_would_take_them_and_starts_nothing(tmp_path):
     sock = tmp_path / "run" / "d.sock"
     out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--socket", str(sock), "--print-config",
-                          "--vram-budget", "2GiB", "--qos", "off", "--max-concurrency", "2"],
+                          "--vram-budget", "2GiB", "--qos", "off", "--max-concurrency", "2", "--max-batch", "8"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     config = json.loads(out.stdout)
     assert config["vram_budget"] == 2 << 30 and config["qos"] == "off" and config["max_concurrency"] == 2
+    assert config["max_batch"] == 8 and config["prefill_chunk"] == 512
     assert config["socket"] == str(sock) and config["model"] == "tiny-llama"
     assert not sock.parent.exists()
 

@@ -499,3 +499,19 @@ def test_a_failure_anywhere_in_a_forward_answers_its_caller_and_wedges_nothing(r
     done.start()
     done.join(60)  # a wedged session made close wait 120 s, then hang on its thread
     assert not done.is_alive()
+
+
+def test_a_prefill_in_chunks_gives_the_tokens_of_a_whole_one(lm):
+    prompt = [3 + (7 * i) % 400 for i in range(23)]
+    whole = Runtime(lm, EventBus(), lm.weights_bytes + (64 << 20), 32 << 20, tempfile.mkdtemp())
+    chunked = Runtime(lm, EventBus(), lm.weights_bytes + (64 << 20), 32 << 20, tempfile.mkdtemp(), prefill_chunk=5)
+    try:
+        want = whole.generate(whole.create(token_ids=prompt).id, GEN)
+        s = chunked.create(token_ids=prompt)
+        assert chunked.generate(s.id, 1) == want[:1]
+        assert chunked.device_lock.figures()["served"]["interactive"] == 5  # 5 + 5 + 5 + 5 + 3 tokens
+        assert chunked.generate(s.id, GEN - 1) == want[1:]
+        assert s.cache.seq_len == len(prompt) + GEN - 1 and s.charge == s.cache.nbytes  # activations given back
+    finally:
+        whole.shutdown()
+        chunked.shutdown()

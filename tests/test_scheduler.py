@@ -197,7 +197,7 @@ def test_paused_session_is_prefetched_and_resumes_with_the_same_token(djinn_cach
 
 def test_scheduler_flags_are_checked():
     for flag, value in (("--qos-shares", "realtime=1,batch=1"), ("--qos-shares", "realtime=x,interactive=1,batch=1"),
-                        ("--max-concurrency", "0")):
+                        ("--max-concurrency", "0"), ("--max-batch", "0"), ("--prefill-chunk", "0")):
         r = subprocess.run([sys.executable, "-m", "djinnd", "start", "--socket", "/tmp/djinn-none/x.sock", flag, value],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 2, r.stderr
