@@ -12,7 +12,7 @@ from conftest import Daemon
 from console.app import DjinnConsole
 from console.messages import Attached, Catalog, EventBatch
 from console.screens.scenarios import Scenarios
-from console.widgets.panels import StatusBar, SwapLog
+from console.widgets.panels import Facts, StatusBar, SwapLog
 from console.widgets.plot import minmax_columns
 from console.widgets.sessions import SessionsTable
 
@@ -66,6 +66,19 @@ async def test_attaches_and_shows_sessions(daemon, tmp_path):
 
 
 @pytest.mark.asyncio
+async def test_the_facts_show_the_decode_batches_and_samples_count_them(daemon, tmp_path):
+    with daemon.client() as c:
+        sid = c.create_session(prompt="The capital of France is")
+        c.generate(sid, 4)  # a prefill and three decode steps, one row each
+        samples = c.snapshot(samples=5)["samples"]
+    assert samples and all("decode_forwards" in e and "decode_rows" in e for e in samples)
+    app = DjinnConsole(daemon.socket, export_dir=tmp_path)
+    async with app.run_test(size=(160, 40)) as pilot:
+        facts = app.screen.query_one(Facts)
+        await until(pilot, lambda: "decode batches" in str(facts.render()), what="batch figures")
+        assert "mean 1.0, largest 1 (max 32)" in str(facts.render())
+
+
 async def test_a_swap_event_reaches_the_log(daemon, tmp_path):
     with daemon.client() as c:
         weights, budget = c.status()["model"]["weights_bytes"], c.status()["memory"]["budget_bytes"]
