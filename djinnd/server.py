@@ -148,6 +148,9 @@ class Server:
             return None
 
     def _one(self, ident, rid, method, kw) -> int:
+        if method == "session.close" or (method == "session.signal_phase" and kw["phase"] == "IO_WAIT"):
+            for stepped in self._stepped:  # it is not coming back for a step now: no wait for it
+                stepped.discard(kw["session"])
         if method in wire.SLOW:
             reply = self._answer(rid, lambda: self.service.now(method, kw))
             if reply is not None:
