@@ -399,15 +399,14 @@ def test_parse_shares():
 
 
 # -- decode batches ------------------------------------------------------------------------------------
-def test_waiting_decode_steps_run_as_one_batch_led_by_the_first_the_policy_picks():
-    lock = DeviceLock(max_batch=8, gather_s=0)
-    rows = [("b1", "batch"), ("i1", "interactive"), ("r1", "realtime"), ("i2", "interactive")]
+def batches_of(lock, rows: list[tuple[str, str]]) -> dict:
+    """Queue each (name, class) decode step behind a held slot, in order, then release it: what each
+    step's join gave (its batch when it led one, None when it rode in another's)."""
     lock.acquire()
     got, threads = {}, []
     for name, qos in rows:
         def step(n=name, q=qos):
-            mine = lock.join(n, q)
-            got[n] = mine
+            got[n] = mine = lock.join(n, q)
             if mine is not None:
                 lock.release([q] * len(mine))
         threads.append(threading.Thread(target=step))
@@ -417,6 +416,12 @@ def test_waiting_decode_steps_run_as_one_batch_led_by_the_first_the_policy_picks
     lock.release()
     for t in threads:
         t.join(5)
+    return got
+
+
+def test_waiting_decode_steps_run_as_one_batch_led_by_the_first_the_policy_picks():
+    lock = DeviceLock(max_batch=8, gather_s=0)
+    got = batches_of(lock, [("b1", "batch"), ("i1", "interactive"), ("r1", "realtime"), ("i2", "interactive")])
     assert got == {"r1": ["r1", "i1", "i2", "b1"], "b1": None, "i1": None, "i2": None}
     f = lock.figures()
     assert f["batches"] == {"forwards": 1, "rows": 4, "largest": 4} and f["in_flight"] == 0
@@ -424,24 +429,17 @@ def test_waiting_decode_steps_run_as_one_batch_led_by_the_first_the_policy_picks
 
 
 def test_a_full_batch_takes_the_urgent_classes_and_leaves_the_rest_for_the_next():
-    lock = DeviceLock(max_batch=2, gather_s=0)
-    order = []
-    lock.acquire()
-    threads = []
-    for name, qos in [("b1", "batch"), ("b2", "batch"), ("r1", "realtime"), ("i1", "interactive")]:
-        def step(n=name, q=qos):
-            mine = lock.join(n, q)
-            if mine is not None:
-                order.append(mine)
-                lock.release([q] * len(mine))
-        threads.append(threading.Thread(target=step))
-        threads[-1].start()
-        while len(lock._waiting) < len(threads):
-            time.sleep(0.001)
-    lock.release()
-    for t in threads:
-        t.join(5)
-    assert order == [["r1", "i1"], ["b1", "b2"]]
+    got = batches_of(DeviceLock(max_batch=2, gather_s=0), [("b1", "batch"), ("b2", "batch"), ("r1", "realtime"),
+                                                          ("i1", "interactive")])
+    assert got == {"r1": ["r1", "i1"], "b1": ["b1", "b2"], "b2": None, "i1": None}
+
+
+def test_with_shares_a_full_batch_splits_between_the_classes():
+    lock = DeviceLock(max_batch=4, gather_s=0, shares=parse_shares("realtime=0.5,interactive=0.25,batch=0.25"))
+    lock._row_s = 0.001  # a row's recent device time, as released batches measure it
+    rows = [(f"b{i}", "batch") for i in range(4)] + [(f"r{i}", "realtime") for i in range(4)]
+    first = next(v for v in batches_of(lock, rows).values() if v and v[0].startswith("r"))
+    assert first == ["r0", "b0", "r1", "r2"]  # realtime has twice batch's share: three rows of four to its one
 
 
 def test_a_batch_waits_a_moment_for_the_steps_of_its_last_rows_to_come_back():
