@@ -47,7 +47,7 @@ def main() -> None:
         with torch.inference_mode():
             return statistics.median(greedy_decode(lm, PROMPT, a.tokens)[1])
 
-    def step_now(beside_paused: bool) -> float:
+    def steps_now(beside_paused: bool) -> float:
         paused = rt.create(token_ids=PROMPT) if beside_paused else None
         if paused:
             rt.run_to(paused.id, [lm.num_layers // 2])
@@ -65,7 +65,7 @@ def main() -> None:
                 rt.close(x.id)
         return statistics.median(lat)
 
-    ways = {"bare loop": bare, "step_now": lambda: step_now(False), "step_now, hooks on": lambda: step_now(True)}
+    ways = {"bare loop": bare, "steps_now": lambda: steps_now(False), "steps_now, hooks on": lambda: steps_now(True)}
     for fn in ways.values():  # warm-up
         fn()
     runs = {w: [] for w in ways}
