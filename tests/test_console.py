@@ -79,6 +79,7 @@ async def test_the_facts_show_the_decode_batches_and_samples_count_them(daemon, 
         assert "mean 1.0, largest 1 (max 32)" in str(facts.render())
 
 
+@pytest.mark.asyncio
 async def test_a_swap_event_reaches_the_log(daemon, tmp_path):
     with daemon.client() as c:
         weights, budget = c.status()["model"]["weights_bytes"], c.status()["memory"]["budget_bytes"]
