@@ -192,15 +192,16 @@ class MemoryManager:
                     self.changed.wait(min(left, 0.5))
 
     def _charge_if_fits(self, s, nbytes: int) -> bool:  # holding acct; s None: the overhead
-        if self.used + nbytes > self.budget:
+        used = self.used + nbytes  # (a sum over the sessions: once, a batch's rows each pin here)
+        if used > self.budget:
             return False
         if s is None:
             self.overhead += nbytes
         else:
             s.charge += nbytes
-        self.peak = max(self.peak, self.used)
+        self.peak = max(self.peak, used)
         if self.spares:
-            self.spares.trim(self.budget - self.used)
+            self.spares.trim(self.budget - used)
         return True
 
     def release(self, s, nbytes: int) -> None:
