@@ -107,13 +107,12 @@ def _eager_of(module):
 
 
 def _dispatcher(implementation: str):
-    def attend(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+    def attend(module, query, key, value, *args, **kwargs):
         base = sdpa_attention_forward if implementation == "sdpa" else _eager_of(module)
-        if isinstance(key, _Rows):
-            return _attend_rows(query, key, scaling, sliding_window, base, module, kwargs)
-        if sliding_window is not None:
-            kwargs["sliding_window"] = sliding_window
-        return base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if not isinstance(key, _Rows):
+            return base(module, query, key, value, *args, **kwargs)  # exactly as called
+        window = kwargs.pop("sliding_window", None)  # (the mask, args[0], is the model's [B, 1, 1, 1]: unused)
+        return _attend_rows(query, key, kwargs.pop("scaling", None), window, base, module, kwargs)
     return attend
 
 
