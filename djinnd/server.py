@@ -71,8 +71,8 @@ class Server:
         Requests that have come in meanwhile are taken together: their decode steps share a forward.
         Token-by-token clients would split into cohorts that take turns (the steps answered while a
         batch runs come back for the next one), so while clients are asking at once (the loop has
-        not slept) it also waits up to `busy_poll_s` for the steps of every session that stepped in
-        the last two rounds: one forward serves them all."""
+        not slept) it also waits, as long as they keep coming `busy_poll_s` apart, for the steps of
+        every session that stepped in the last two rounds: one forward serves them all."""
         self._serving = asyncio.current_task()
         try:
             requests, expect = [await self.sock.recv_multipart()], 0
