@@ -104,6 +104,42 @@ def test_a_model_whose_norm_and_head_do_not_give_its_logits_serves_without_a_len
         assert isinstance(c.resume(sid), int)  # served all the same
 
 
+def test_a_family_whose_attention_takes_no_rows_decodes_one_row_at_a_time_and_says_so(make_daemon, tmp_path):
+    """Bloom computes attention in its own code (ALiBi), not through transformers' AttentionInterface:
+    the probe at load finds a batched step impossible, and its decode steps run one a forward."""
+    import threading
+
+    from transformers import BloomConfig, BloomForCausalLM
+    from djinnd import Client
+    torch.manual_seed(0)
+    BloomForCausalLM(BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=4)).save_pretrained(tmp_path)
+    d = make_daemon("--device", "cpu", "--model", str(tmp_path))
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    with d.client() as c:
+        st = c.status()
+        assert st["model"]["batching"] is False and st["scheduler"]["max_batch"] == 1
+        with pytest.raises(DjinnError) as e:
+            c.set_scheduler(max_batch=4)
+        assert e.value.code == "unsupported" and "per-session key/value rows" in str(e.value)
+        alone = []
+        for p in prompts:
+            sid = c.create_session(token_ids=p)
+            alone.append(c.generate(sid, 5))
+            c.close(sid)
+        sids = [c.create_session(token_ids=p) for p in prompts]
+        got = [[], []]
+
+        def decode(i):
+            with Client(d.socket) as ci:
+                got[i] += ci.generate(sids[i], 5)
+        threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == alone and c.status()["scheduler"]["batches"]["largest"] == 1
+
+
 # -- SmolLM2-135M-Instruct: real weights ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(smollm2_daemon):
