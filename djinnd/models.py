@@ -84,6 +84,11 @@ class LoadedModel:
         """Logits [B, vocab] of one batched decode step: row b feeds tokens[b] to the session of caches[b]."""
         return rows.forward(self, tokens, caches)
 
+    def compare_batched(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float, float]:
+        """Each prompt's n greedy tokens decoded alone, the largest logit difference of the same steps
+        batched, and the logits' scale (rows.compare: the load probe's check, at any size)."""
+        return rows.compare(self, prompts, n)
+
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder layers, where sessions hang their pause/inspect hooks."""
         return self.parts.layers

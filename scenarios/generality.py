@@ -164,10 +164,10 @@ class _Checks:
     def batched(self):
         """Sessions of prompts of different lengths, decoded token by token at once (a client each,
         their steps sent together): each gets from the daemon's batches the tokens it gets alone.
-        In this process the same steps batched over the same slabs give every row's logits within
-        1e-4 (fp32) of its unbatched step's."""
+        In this process the same steps batched (LoadedModel.compare_batched) give every row's
+        logits within 1e-4 (fp32) of its unbatched step's."""
         prompts = [self.ids[:max(1, len(self.ids) - k)] for k in range(BATCH_ROWS)]
-        alone, diff = _alone_and_batched(self.lm, prompts, self.n)
+        alone, diff, _ = self.lm.compare_batched(prompts, self.n)
         sids = [self.c.create_session(token_ids=p) for p in prompts]
         got, before = [[] for _ in prompts], self.c.status()["scheduler"]["batches"]
         together = threading.Barrier(len(prompts))
@@ -258,35 +258,6 @@ class _Checks:
         tol = 1e-4 if self.model.get("dtype") == "float32" else 2e-2
         ok = [t["token"] for t in got] == want.indices.tolist() and diff < tol and token == got[0]["token"]
         return ok, f"top-5 {'equal' if ok else [t['token'] for t in got]}, largest probability difference {diff:.1e}"
-
-
-def _alone_and_batched(lm, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
-    """Each prompt's n greedy tokens decoded alone (the daemon's unbatched path), and the largest
-    logit difference of the same decode steps run as one batch over the same slabs."""
-    import torch
-
-    def prefill(p):
-        cache = lm.new_cache()
-        cache.grow(cache.capacity_for(len(p) + n))
-        return cache, lm.forward(torch.tensor([p], device=lm.device), cache.cache)
-
-    with torch.inference_mode():
-        alone, steps = [], []
-        for p in prompts:
-            cache, logits = prefill(p)
-            tokens, seen = [int(logits.argmax())], []
-            for _ in range(n - 1):
-                logits = lm.forward(torch.tensor([tokens[-1:]], device=lm.device), cache.cache).float()
-                seen.append(logits)
-                tokens.append(int(logits.argmax()))
-            alone.append(tokens)
-            steps.append(seen)
-        caches = [prefill(p)[0] for p in prompts]
-        diff = 0.0
-        for i in range(n - 1):  # every row fed its own alone token: the differences do not compound
-            batched = lm.forward_rows([t[i] for t in alone], caches).float()
-            diff = max(diff, (batched - torch.stack([s[i] for s in steps])).abs().max().item())
-    return alone, diff
 
 
 def _failures(rows: list[dict], check: str) -> str:
