@@ -4,6 +4,7 @@ The pidfile is locked for the daemon's whole life (pidfile.py).
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -210,7 +211,8 @@ def stop(sock: Path, timeout: float = 30.0) -> str:
             c.shutdown()
     except DjinnError:
         if pid:
-            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it went while we waited for its answer
+                os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_locked(sock):

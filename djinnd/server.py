@@ -225,8 +225,10 @@ class Server:
             await asyncio.wait(self._tasks, timeout=timeout)
 
     def close(self):
+        """Replies already sent (the shutdown's own) get a second to leave: a ROUTER drops those to
+        peers gone, so only a live, unread peer can hold the exit that long."""
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.sock.close(0)
+        self.sock.close(linger=1000)
 
 
 def _raise_or(result):
