@@ -62,6 +62,10 @@ class _Api:
         """The text of token ids, by the daemon's tokenizer."""
         return self._do("model.text", lambda r: r["text"], tokens=list(tokens))
 
+    def pieces(self, tokens: list[int]) -> list[str]:
+        """Each token's own text: where one token ends and the next begins."""
+        return self._do("model.text", lambda r: r["pieces"], tokens=list(tokens))
+
     def sessions(self):
         return self._do("session.list", lambda r: r["sessions"])
 

@@ -629,9 +629,14 @@ class Runtime:
     def _stats(self, s: Session, positions, channels) -> dict:
         h = s.hidden
         f = h.detach().float()
+        rows = f[0]  # [T, H]: each position's own figures, for a debugger's per-token view
         out = {"layer": s.layer, "shape": list(h.shape), "dtype": str(h.dtype).removeprefix("torch."),
                "mean": f.mean().item(), "std": f.std().item() if f.numel() > 1 else 0.0,
-               "min": f.min().item(), "max": f.max().item(), "norm": f.norm().item()}
+               "min": f.min().item(), "max": f.max().item(), "norm": f.norm().item(),
+               "per_position": {"mean": rows.mean(-1).tolist(),
+                                "std": rows.std(-1).tolist() if rows.shape[1] > 1 else [0.0] * rows.shape[0],
+                                "min": rows.amin(-1).tolist(), "max": rows.amax(-1).tolist(),
+                                "norm": rows.norm(dim=-1).tolist()}}
         if positions is not None or channels is not None:
             sel = f[self._index(h, positions, channels)]
             if sel.numel() > MAX_VALUES:

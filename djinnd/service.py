@@ -121,7 +121,7 @@ class Service:
         vocab = self.rt.lm.vocab_size
         if any(t >= vocab for t in tokens):
             raise DjinnError("bad_params", f"model.text: token ids must be in [0, {vocab})")
-        return {"text": self.rt.lm.decode(tokens)}
+        return {"text": self.rt.lm.decode(tokens), "pieces": [self.rt.lm.decode([t]) for t in tokens]}
 
     # -- sessions --------------------------------------------------------------------------------
     def create(self, prompt=None, token_ids=None, qos="interactive"):
@@ -131,7 +131,8 @@ class Service:
         return {"sessions": self.rt.list_sessions()}
 
     def get(self, session):
-        return self.rt.get(session).info()
+        s = self.rt.get(session)
+        return {**s.info(), "prompt_ids": list(s.prompt_ids)}
 
     def generate(self, session, max_new_tokens):
         return {"tokens": self.rt.generate(session, max_new_tokens)}
