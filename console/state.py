@@ -130,10 +130,14 @@ class State:
 
     # -- polls and RPC replies ---------------------------------------------------------------------
     def polled(self, status: dict, sessions: list[dict]):
+        """The poll's truth; the sessions' version moves only when it differs from what we hold (a poll of
+        1,000 idle sessions must not redraw their table every second)."""
         self.status = status
-        self.sessions = {s["id"]: dict(s) for s in sessions}
         self.v_status += 1
-        self.v_sessions += 1
+        fresh = {s["id"]: s for s in sessions}
+        if fresh != self.sessions:
+            self.sessions = fresh
+            self.v_sessions += 1
 
     def add_runs(self, runs: list[dict]):
         for r in runs:

@@ -51,3 +51,11 @@ def test_batch_bench_runs_djinnd_batches_beside_padded_generate():
     out = run_bench("bench/batch.py", "--batches", "1,4", "--tokens", "3", "--runs", "1")
     rows = [line for line in out.splitlines() if "djinnd/generate" in line]
     assert len(rows) == 2 and all("tokens equal in" in r for r in rows), out
+
+
+def test_console_idle_bench_measures_the_console_beside_a_real_daemon():
+    out = run_bench("bench/console_idle.py", "--sessions", "30", "--seconds", "2", "--settle", "0.5")
+    assert "console attached: 30 rows in its table" in out, out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("overview, ", "scenarios screen"))]
+    figures = [[float(x) for x in r[-3:]] for r in rows]  # % of a core, its ratio to the goal, the daemon's %
+    assert len(figures) == 3 and all(f[0] > 0 for f in figures), out

@@ -39,7 +39,7 @@ class Overview(Screen):
         yield Static(id="nodaemon")
         with Vertical(id="main"):
             with Horizontal(id="top"):
-                yield VramPlot(id="plot")
+                yield VramPlot(id="plot", scroll_every=1.0)  # redrawn four times a second: scroll once a second
                 with Vertical(id="side"):
                     yield Gauge("device", id="g-device")
                     yield Gauge("host", id="g-host")
@@ -66,12 +66,12 @@ class Overview(Screen):
                 self.query_one(SessionsTable).focus()
         self.query_one(StatusBar).show(state)
         if waiting and not state.tried:
-            self.query_one("#nodaemon", Static).update(f"connecting to {escape(state.socket)}…")
+            self._say(f"connecting to {escape(state.socket)}…")
             return
         if waiting:
             said = state.reason and not state.reason.startswith("no djinnd answers")
             reason = f"\n[dim]last answer: {escape(state.reason)}[/dim]" if said else ""
-            self.query_one("#nodaemon", Static).update(NO_DAEMON.format(socket=escape(state.socket), reason=reason))
+            self._say(NO_DAEMON.format(socket=escape(state.socket), reason=reason))
             return
         self.query_one(VramPlot).show(state)
         s = state.last_sample or {}
@@ -81,6 +81,12 @@ class Overview(Screen):
         self.query_one(Facts).show(state)
         self.query_one(SessionsTable).show(state)
         self.query_one(SwapLog).show(state)
+
+    def _say(self, text: str) -> None:
+        """The no-daemon page, updated only when its text changed: an update redoes the screen's layout."""
+        page = self.query_one("#nodaemon", Static)
+        if text != page.content:
+            page.update(text)
 
     # -- keys --------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters) -> bool | None:

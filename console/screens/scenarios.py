@@ -95,6 +95,7 @@ class Scenarios(Screen):
         self.chosen: dict | None = None
         self.inputs: list[tuple[str, object, Input]] = []  # (parameter, default, its Input)
         self._seen = None
+        self._run_seen = None
 
     def compose(self) -> ComposeResult:
         yield StatusBar()
@@ -110,7 +111,7 @@ class Scenarios(Screen):
                 yield ProgressBar(id="sc-progress", show_eta=False)
                 yield Static(id="sc-message")
                 yield VerticalScroll(Static(id="sc-verdict"), id="sc-verdict-box")
-        yield VramPlot(id="sc-plot")
+        yield VramPlot(id="sc-plot", scroll_every=1.0)  # redrawn four times a second: scroll once a second
         yield Footer()
 
     def on_mount(self) -> None:
@@ -128,7 +129,9 @@ class Scenarios(Screen):
         if key != self._seen:
             self._seen = key
             self._fill_catalog(app.catalog, app.catalog_error)
-        self._show_run(app.current_run(), state)
+        if (state.v_runs, app.my_run) != self._run_seen:  # a redraw lays the screen out again: only on change
+            self._run_seen = (state.v_runs, app.my_run)
+            self._show_run(app.current_run(), state)
 
     def _fill_catalog(self, catalog: list[dict], error: str | None) -> None:
         self.catalog = catalog

@@ -1,6 +1,6 @@
 """The small read-only panels: connection bar, gauges, daemon facts, swap log.
 
-Each one keeps the last state version it drew and redraws only when that changed.
+Each one redraws only when what it shows changed: the console is asked to redraw four times a second.
 """
 
 from rich.text import Text
@@ -34,7 +34,8 @@ class StatusBar(Static):
             text = f"✖ disconnected from {state.socket} · reattaching every second (d: start a daemon)"
         else:
             text = f"✖ no daemon on {state.socket} · retrying every second (d: start a daemon)"
-        self.update(text)
+        if text != self.content:
+            self.update(text, layout=False)  # one line, docked: no layout to redo
 
 
 class Gauge(Widget):
@@ -53,8 +54,9 @@ class Gauge(Widget):
         self.label, self.used, self.total = label, 0, 0
 
     def set(self, used, total) -> None:
+        used, total = used or 0, total or 0  # a sample without the field: 0, and no redraw for it every time
         if (used, total) != (self.used, self.total):
-            self.used, self.total = used or 0, total or 0
+            self.used, self.total = used, total
             self.refresh()
 
     def render(self) -> Text:
@@ -79,7 +81,7 @@ class Facts(Static):
     def show(self, state) -> None:
         st = state.status
         if not st:
-            self.update("waiting for the daemon…")
+            self._update("waiting for the daemon…")
             return
         m, sw, mem, dev = st.get("model", {}), st.get("swap", {}), st.get("memory", {}), st.get("device", {})
         lat, thr = sw.get("latency_ms", {}), sw.get("throughput_gbps", {})
@@ -98,7 +100,12 @@ class Facts(Static):
         for i, (k, v) in enumerate(rows):
             t.append(f"{k:<9}", "bold")
             t.append(v + ("\n" if i < len(rows) - 1 else ""))
-        self.update(t)
+        self._update(t)
+
+    def _update(self, t: Text | str) -> None:
+        """Only when the text changed, and the screen's layout redone only when its number of lines did."""
+        if t != self.content:
+            self.update(t, layout=len(str(t).splitlines()) != len(str(self.content).splitlines()))
 
 
 def _batches(sched: dict) -> str:

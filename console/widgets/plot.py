@@ -7,6 +7,8 @@ lane under the plot (▼ out, ▲ in).
 """
 
 from collections.abc import Sequence
+from itertools import groupby
+from operator import itemgetter
 
 from rich.style import Style
 from rich.text import Text
@@ -17,6 +19,8 @@ from ..fmt import size
 BRAILLE = 0x2800
 # dot bits by (column in cell, row in cell, top to bottom)
 DOT = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+# DOT_RUNS[column][i][j]: the dots of rows i to j of a cell's column, together
+DOT_RUNS = tuple(tuple(tuple(sum(col[i:j + 1]) for j in range(4)) for i in range(4)) for col in DOT)
 LABEL_W = 10
 OFF_SCALE = 3  # a budget more than this many times the peak use is named, not drawn
 WINDOWS = (60, 120, 300, 600)
@@ -31,8 +35,40 @@ def minmax_columns(points: Sequence[tuple[float, float]], t0: float, t1: float, 
             continue
         i = min(n - 1, int((t - t0) / span * n))
         c = cols[i]
-        cols[i] = (v, v) if c is None else (min(c[0], v), max(c[1], v))
+        if c is None:
+            cols[i] = (v, v)
+        elif v < c[0]:
+            cols[i] = (v, c[1])
+        elif v > c[1]:
+            cols[i] = (c[0], v)
     return cols
+
+
+def _paint(grid: list[list[int]], x: int, top: int, bottom: int) -> None:
+    """Set the dots of dot column x from dot row top to bottom (inclusive): a cell at a time, not a dot."""
+    if top > bottom:
+        return
+    runs, cx, first, last = DOT_RUNS[x % 2], x // 2, top // 4, bottom // 4
+    if first == last:
+        grid[first][cx] |= runs[top % 4][bottom % 4]
+        return
+    grid[first][cx] |= runs[top % 4][3]
+    for r in range(first + 1, last):
+        grid[r][cx] |= runs[0][3]
+    grid[last][cx] |= runs[0][bottom % 4]
+
+
+def _same_since(samples, drawn: list) -> bool:
+    """Whether every sample newer than the last one drawn shows the same used, budget and capacity."""
+    if not drawn:
+        return not samples
+    last = drawn[-1]
+    for s in reversed(samples):
+        if s.t <= last.t:
+            return True
+        if (s.used, s.budget, s.capacity) != (last.used, last.budget, last.capacity):
+            return False
+    return True
 
 
 def _span(t: float) -> str:
@@ -55,19 +91,33 @@ class VramPlot(Widget):
     VramPlot > .plot--axis { color: $foreground 50%; }
     """
 
-    def __init__(self, *args, window: float = 120, **kw):
+    def __init__(self, *args, window: float = 120, scroll_every: float = 0.0, **kw):
+        """`scroll_every`: while only time moves on, redraw after this many seconds of it (and a dot column),
+        for a plot redrawn several times a second whatever happens (the live console's)."""
         super().__init__(*args, **kw)
         self.window = window
+        self.scroll_every = scroll_every
         self.samples: list = []  # state.Sample
         self.markers: list[tuple[float, str]] = []  # (t, "swap_out" | "swap_in")
         self.now = 0.0
         self._seen = -1
+        self._source = None  # the state's samples drawn (a reset makes new ones)
+        self._drawn = (0, 0.0)  # the swap count and the window drawn
 
     def show(self, state) -> None:
+        """Take the state's samples when the picture changed: a sample shows something new, a swap came, the
+        window changed, the state started over, or time moved back or on by a dot column (and `scroll_every`).
+        An idle daemon's ten samples a second so do not redraw the plot ten times a second."""
         if state.v_samples == self._seen:
             return
         self._seen = state.v_samples
-        self.now = state.now()
+        now = state.now()
+        step = self.window / (2 * max(4, self.size.width - LABEL_W))  # the time one dot column spans
+        if (state.samples is self._source and self._drawn == (state.swap_count, self.window)
+                and self.now <= now < self.now + max(step, self.scroll_every)
+                and _same_since(state.samples, self.samples)):
+            return
+        self._source, self._drawn, self.now = state.samples, (state.swap_count, self.window), now
         t0 = self.now - self.window
         self.samples = [s for s in state.samples if s.t >= t0 - 1]
         self.markers = [(e.get("mono_ns", 0) / 1e9, e["type"]) for e in state.swaps if e.get("mono_ns", 0) / 1e9 >= t0]
@@ -122,12 +172,8 @@ def render_plot(samples, markers, now: float, window: float, width: int, height:
         top_row, bottom_row = hi, lo
         if prev is not None:  # join a step to the previous column so the line stays unbroken
             top_row, bottom_row = min(hi, prev[1]), max(lo, prev[0])
-        for y in range(top_row, rows):
-            bits = DOT[x % 2][y % 4]
-            if y <= bottom_row:
-                band[y // 4][x // 2] |= bits
-            elif y > lo:
-                fill[y // 4][x // 2] |= bits
+        _paint(band, x, top_row, bottom_row)
+        _paint(fill, x, bottom_row + 1, rows - 1)  # bottom_row >= lo: the fill starts under the band
         prev = (hi, lo)
     for x in range(pw * 2):
         marks = []
@@ -147,16 +193,19 @@ def render_plot(samples, markers, now: float, window: float, width: int, height:
     labels.setdefault(0, size(top))
     for r in range(ph):
         line = Text(f"{labels.get(r, ''):>{LABEL_W - 1}} ", style=st["axis"], no_wrap=True)
+        cells = []
         for cx in range(pw):
             b, f, lim = band[r][cx], fill[r][cx], limit[r][cx]
             if lim:  # limits drawn over the data, so a plateau shows as data pressed against the line
-                line.append(chr(BRAILLE + (lim | b | f)), st[limit_kind[r][cx]])
+                cells.append((chr(BRAILLE + (lim | b | f)), limit_kind[r][cx]))
             elif b:
-                line.append(chr(BRAILLE + (b | f)), st["used"])
+                cells.append((chr(BRAILLE + (b | f)), "used"))
             elif f:
-                line.append(chr(BRAILLE + f), st["fill"])
+                cells.append((chr(BRAILLE + f), "fill"))
             else:
-                line.append(" ")
+                cells.append((" ", ""))
+        for kind, run in groupby(cells, key=itemgetter(1)):  # one span a run: a span a cell costs 10x to render
+            line.append("".join(ch for ch, _ in run), st[kind] if kind else None)
         out.append(line)
     out.append(_lane(markers, t0, now, pw, st))
     out.append(_axis(window, pw, st))

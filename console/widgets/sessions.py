@@ -1,4 +1,5 @@
-"""The sessions table: rebuilt from the state when it changed, sorted and filtered here, cursor kept."""
+"""The sessions table: sorted and filtered here, cursor kept. When the sessions change in place only the
+cells that changed are updated; the table is rebuilt only when its rows or their order change."""
 
 from rich.text import Text
 from textual.widgets import DataTable
@@ -44,16 +45,19 @@ class SessionsTable(DataTable):
         self.sort_col, self.reverse, self.needle = 0, False, ""
         self.compact = None
         self._seen = None
+        self._columns: list[str] = []  # the keys of the columns shown
+        self._drawn: dict[str, tuple[dict, list]] = {}  # row key: (a copy of the session drawn, its cells)
 
     def on_resize(self, event) -> None:
         compact = event.size.width < COMPACT_BELOW
         if compact != self.compact:
             self.compact = compact
             self.clear(columns=True)
+            self._columns = [key for _, key, _ in COLUMNS if not (compact and key == "swaps")]
             for label, key, _ in COLUMNS:
-                if not (compact and key == "swaps"):
+                if key in self._columns:
                     self.add_column("swap" if compact and key == "last_swap_ms" else label, key=key)
-            self._seen = None
+            self._seen, self._drawn = None, {}
             self.show(self.app.state)
 
     def cycle_sort(self) -> str:
@@ -79,14 +83,33 @@ class SessionsTable(DataTable):
         if self._seen == state.v_sessions or self.compact is None:
             return
         self._seen = state.v_sessions
-        keep = self.selected()
         rows = [s for s in state.sessions.values() if not self.needle or matches(s, self.needle)]
         rows.sort(key=COLUMNS[self.sort_col][2], reverse=self.reverse)
-        self.clear()
-        for s in rows:
-            self.add_row(*row_cells(s, self.compact), key=str(s["id"]))
+        drawn, self._drawn = self._drawn, {}
+        for s in rows:  # a session's cells are made again only when it changed
+            key = str(s["id"])
+            old = drawn.get(key)
+            self._drawn[key] = old if old and old[0] == s else (dict(s), row_cells(s, self.compact))
+        if list(self._drawn) == list(drawn):
+            self._update_cells(drawn)
+        else:
+            self._rebuild()
         label, _, _ = COLUMNS[self.sort_col]
         shown = f"{len(rows)} of {len(state.sessions)}" if self.needle else f"{len(rows)}"
         self.border_title = f"sessions ({shown}) · sorted by {label} {'↓' if self.reverse else '↑'}"
+
+    def _update_cells(self, drawn: dict[str, tuple[dict, list]]) -> None:
+        """The same rows in the same order: only the cells that differ from those drawn are set."""
+        for key, now in self._drawn.items():
+            if now is not drawn[key]:
+                for col, old, new in zip(self._columns, drawn[key][1], now[1]):
+                    if new != old:
+                        self.update_cell(key, col, new, update_width=True)
+
+    def _rebuild(self) -> None:
+        keep = self.selected()
+        self.clear()
+        for key, (_, cells) in self._drawn.items():
+            self.add_row(*cells, key=key)
         if keep is not None and str(keep) in self.rows:
             self.move_cursor(row=self.get_row_index(str(keep)), scroll=False)
