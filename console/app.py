@@ -22,9 +22,10 @@ from djinnd import DjinnError, resolve_socket
 from . import exporting
 from .link import Link, rpc
 from .messages import Attached, Catalog, Detached, EventBatch, Polled, Runs
-from .screens.dialogs import Confirm, ExportPicker, Help, SessionDetail
+from .screens.dialogs import Confirm, ExportPicker, Help, NewSession
 from .screens.overview import Overview
 from .screens.scenarios import Scenarios
+from .screens.session import SessionScreen
 from .state import State
 
 REDRAW_EVERY = 0.25
@@ -36,8 +37,10 @@ class ConsoleCommands(Provider):
     async def search(self, query: str) -> Hits:
         app = self.app
         matcher = self.matcher(query)
-        items = [(f"session {sid}: details", lambda sid=sid: app.open_session(sid), "breakpoint, stats, swaps")
+        items = [(f"session {sid}: debug", lambda sid=sid: app.open_session(sid), "step, lens, patch, generate")
                  for sid in sorted(app.state.sessions)]
+        if app.state.attached:
+            items.append(("new session", app.action_new_session, "a prompt and a QoS class, opened in the debugger"))
         items += [(f"launch scenario {s['name']}", lambda n=s["name"]: app.launch(n, {}),
                    " ".join((s.get("description") or "").split())) for s in app.catalog]
         for text, fn, help_text in items:
@@ -182,27 +185,31 @@ class DjinnConsole(App):
 
     # -- sessions ------------------------------------------------------------------------------------
     def open_session(self, sid: int) -> None:
-        self.push_screen(SessionDetail(sid))
-        self.redraw()
+        layers = (self.state.status.get("model") or {}).get("num_layers", 0)
+        self.push_screen(SessionScreen(self.socket, sid, layers))
+
+    def action_new_session(self) -> None:
+        def made(answer: dict | None) -> None:
+            if answer:
+                self.create_session(answer["prompt"], answer["qos"])
+        self.push_screen(NewSession(), made)
+
+    @work(group="rpc")
+    async def create_session(self, prompt: str, qos: str) -> None:
+        try:
+            sid = await rpc(self.socket, lambda c: c.create_session(prompt=prompt, qos=qos), timeout=120)
+        except DjinnError as e:
+            self.notify(f"cannot create the session: {e}", severity="error", timeout=8)
+            return
+        self.open_session(sid)
 
     def ask_close_session(self, sid: int) -> None:
         def answer(yes: bool | None) -> None:
             if yes:
-                if isinstance(self.screen, SessionDetail):
+                if isinstance(self.screen, SessionScreen):
                     self.pop_screen()
                 self.call_rpc(lambda c: c.close(sid), "close", f"session {sid} closed")
         self.push_screen(Confirm(f"Close session {sid}? Its KV cache and paused forward are dropped."), answer)
-
-    @work(group="rpc")
-    async def inspect_session(self, detail: SessionDetail) -> None:
-        s = self.state.sessions.get(detail.sid, {})
-        if s.get("state") != "paused":
-            detail.set_stats(f"only a paused session can be inspected (it is {s.get('state', 'unknown')})")
-            return
-        try:
-            detail.set_stats(await rpc(self.socket, lambda c: c.inspect(detail.sid), timeout=30))
-        except DjinnError as e:
-            detail.set_stats(f"inspect failed: {e}")
 
     @work(group="rpc")
     async def call_rpc(self, call, what: str, done: str) -> None:
@@ -236,6 +243,8 @@ class DjinnConsole(App):
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "start_daemon":
             return not self.state.attached and not self.starting_daemon
+        if action == "new_session":
+            return self.state.attached
         if action == "switch_mode":  # the footer offers only the other screen
             return parameters[0] != self.current_mode
         return True

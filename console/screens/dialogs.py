@@ -1,14 +1,10 @@
-"""Modal screens: confirmation, export format, help, and one session's details."""
+"""Modal screens: confirmation, export format, help, and the session screen's questions."""
 
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Label, Markdown, Static
-
-from ..fmt import ms, session_bytes, session_state, size
-from ..widgets.panels import SwapLog
+from textual.widgets import Button, Footer, Input, Label, Markdown, Select
 
 
 class Confirm(ModalScreen[bool]):
@@ -82,12 +78,33 @@ swapped to host memory or disk so device memory stays under the budget.
 |---|---|
 | `/` | filter sessions (words such as `paused host batch`), `escape` leaves the filter |
 | `s` / `r` | sort by the next column / reverse |
-| `enter` | details of the session under the cursor: breakpoint, activation stats, swap history |
+| `enter` | open the session under the cursor in the session screen (the debugger) |
+| `n` | new session: a prompt and a QoS class, opened in the session screen |
 | `x` | close the session under the cursor (asks first) |
 | `z` | plot window: 1, 2, 5, 10 minutes |
 
 The plot shows device memory (min and max per column), the budget (──) and, when on scale, the
 capacity (╌╌). ▼ marks swap-outs and ▲ swap-ins. On a CPU daemon the budget is an accounting limit.
+
+## Session (the debugger)
+| key | |
+|---|---|
+| `s` | step: run the forward to the end of the next layer (an idle session starts its next forward) |
+| `n` | run to the next breakpoint, or to the end of the forward |
+| `c` | resume to the end of the forward: its token joins the text |
+| `g` | generate N tokens, the text growing as they come |
+| `b` | breakpoints: the layers where the forward stops for `n` (e.g. `3 7 10-12`) |
+| `p` | patch the paused hidden state: scale, set or add, at positions and channels |
+| `←` / `→` | the position the lens reads (the highlighted token) |
+| `x` / `escape` | close the session (asks first) / back |
+
+The text shows each token on its own shade; the paused forward's tokens are bold. The lens pane
+lists, for every layer the forward has passed, the three tokens the model would predict from that
+layer's hidden state (green: likely). Beside it: each position's norm as bars and its statistics.
+
+## Replay
+`djinn-console --replay logs/<scenario>/<stamp>` (or an exported events file) opens a finished run
+without a daemon and scrubs its timeline; that screen has its own `?` help.
 
 ## Scenarios
 | key | |
@@ -107,68 +124,95 @@ class Help(ModalScreen):
         yield Footer()
 
 
-class SessionDetail(ModalScreen):
-    """One session: its info, breakpoint and activation stats (when paused), its swaps."""
+class Ask(ModalScreen[str | None]):
+    """One line of input: enter answers, escape cancels."""
 
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("i", "inspect", "Inspect"),
-                Binding("x", "close_session", "Close session")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, sid: int):
+    def __init__(self, question: str, value: str = ""):
         super().__init__()
-        self.sid = sid
-        self.stats: dict | str | None = None
-        self._seen = None
+        self.question, self.value = question, value
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog wide", id="detail"):
-            yield Static(id="info")
-            yield Static(id="stats")
-            yield SwapLog(session=self.sid, id="history")
+        with Vertical(classes="dialog form"):
+            yield Label(self.question)
+            yield Input(self.value, id="answer")
+        yield Footer()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PatchDialog(ModalScreen[dict | None]):
+    """How to change the paused hidden state: op, value, positions and channels (blank: all)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "apply", "Apply")]
+
+    def __init__(self, positions: str = ""):
+        super().__init__()
+        self.positions = positions
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog form"):
+            yield Label("Patch the paused hidden state")
+            yield Select([("scale by", "scale"), ("set to", "set"), ("add", "add")], value="scale", allow_blank=False,
+                         id="op")
+            yield Input(placeholder="value, e.g. 0.5 or -1", id="value")
+            yield Input(self.positions, placeholder="positions (blank: all; -1 is the last)", id="positions")
+            yield Input("", placeholder="channels (blank: all)", id="channels")
+            with Horizontal(classes="buttons"):
+                yield Button("Apply (ctrl+s)", id="apply", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#detail").border_title = f"session {self.sid}"
-        self.action_inspect()
+        self.query_one("#value").focus()
 
-    def show(self, state) -> None:
-        s = state.sessions.get(self.sid)
-        key = (state.v_sessions, str(self.stats))
-        self.query_one(SwapLog).show(state)
-        if key == self._seen:
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_apply()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_apply() if event.button.id == "apply" else self.action_cancel()
+
+    def action_apply(self) -> None:
+        self.dismiss({"op": self.query_one("#op", Select).value,
+                      **{k: self.query_one(f"#{k}", Input).value for k in ("value", "positions", "channels")}})
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class NewSession(ModalScreen[dict | None]):
+    """A prompt and a QoS class for a new session, opened in the session screen once made."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog form"):
+            yield Label("New session")
+            yield Input(placeholder="prompt, e.g. The capital of France is", id="prompt")
+            yield Select([(q, q) for q in ("realtime", "interactive", "batch")], value="interactive",
+                         allow_blank=False, id="qos")
+            with Horizontal(classes="buttons"):
+                yield Button("Create (enter)", id="create", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
+        yield Footer()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self._create()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self._create() if event.button.id == "create" else self.action_cancel()
+
+    def _create(self) -> None:
+        prompt = self.query_one("#prompt", Input).value
+        if not prompt.strip():
+            self.notify("a session needs a prompt", severity="error")
             return
-        self._seen = key
-        info = self.query_one("#info", Static)
-        if s is None:
-            info.update(Text(f"session {self.sid} is closed", "bold red"))
-            return
-        t = Text()
-        for k, v in (("state", session_state(s)), ("breakpoint", "–" if s.get("layer") is None else f"after layer {s['layer']}"),
-                     ("qos", s.get("qos")), ("phase", s.get("phase") or "–"),
-                     ("where", f"{s.get('location')} · {size(session_bytes(s))}"),
-                     ("tokens", f"{s.get('seq_len', '?')} in cache · {len(s.get('tokens') or [])} generated"),
-                     ("swaps", f"{s.get('swaps', 0)} · last {ms(s.get('last_swap_ms'))}")):
-            t.append(f"{k:<11}", "bold")
-            t.append(f"{v}\n")
-        info.update(t)
-        stats = self.query_one("#stats", Static)
-        if isinstance(self.stats, dict):
-            st = self.stats
-            stats.update(Text.assemble(("activation ", "bold"),
-                                       f"after layer {st.get('layer')} · shape {st.get('shape')} {st.get('dtype')}\n",
-                                       ("           ", ""),
-                                       f"mean {st.get('mean', 0):.4g}  std {st.get('std', 0):.4g}  "
-                                       f"min {st.get('min', 0):.4g}  max {st.get('max', 0):.4g}  norm {st.get('norm', 0):.4g}"))
-        else:
-            stats.update(Text(f"activation {self.stats or 'inspecting…'}", "dim"))
+        self.dismiss({"prompt": prompt, "qos": self.query_one("#qos", Select).value})
 
-    def action_inspect(self) -> None:
-        self.app.inspect_session(self)
-
-    def set_stats(self, stats) -> None:
-        self.stats = stats
-        self._seen = None
-        self.show(self.app.state)
-
-    def action_close_session(self) -> None:
-        self.app.ask_close_session(self.sid)
-
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -31,6 +31,7 @@ class Overview(Screen):
         Binding("r", "reverse", "Reverse", show=False),
         Binding("enter", "details", "Details", show=False),
         Binding("x", "close_session", "Close"),
+        Binding("n", "app.new_session", "New session"),
         Binding("z", "zoom", "Zoom", show=False),
     ]
 
