@@ -290,7 +290,12 @@ def main(argv=None) -> int:
     ap.add_argument("--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)")
     ap.add_argument("--launch", metavar="SCENARIO", help="launch this scenario once attached (e.g. exp3)")
     ap.add_argument("--export-dir", help="where the export key writes (default: the run folder or logs/exports)")
+    ap.add_argument("--replay", metavar="PATH",
+                    help="open a finished run without a daemon: its folder (logs/<scenario>/<stamp>) or an events file")
     args = ap.parse_args(argv)
+    if args.replay:
+        from .replay import main as replay  # a separate app: no socket, no link
+        return replay(args.replay)
     DjinnConsole(args.socket, launch=args.launch, export_dir=args.export_dir).run()
     return 0
 
