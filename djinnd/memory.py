@@ -26,6 +26,16 @@ from .scheduler import QOS_RANK
 from .session import State
 from .spares import Spares
 from .stats import percentile
+
+ROOM_WAIT_S = 60.0  # how long a request waits for room that running sessions hold before it fails
+
+
+class RoomHeld(DjinnError):
+    """The room exists, but sessions running now hold it (it would fit once they are done)."""
+
+    def __init__(self, nbytes: int, holders: list[int]):
+        who = f" ({', '.join(map(str, holders))})" if holders else ""
+        super().__init__("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions{who}")
 from .swappool import DiskTier, HostPool, Stored, u8
 
 def coldness(s) -> tuple:
@@ -155,7 +165,7 @@ class MemoryManager:
             s.charge = max(0, s.charge - release)
             self._changed()
 
-    def reserve(self, s, nbytes: int, timeout: float = 60.0, make_room: bool = True) -> None:
+    def reserve(self, s, nbytes: int, timeout: float = ROOM_WAIT_S, make_room: bool = True) -> None:
         """Charge `s` for `nbytes` more device bytes, swapping colder sessions out first; `s` None
         charges the device's own `overhead` (a new compute thread's cuBLAS workspace).
 
@@ -186,10 +196,21 @@ class MemoryManager:
                     seen = self._version
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DjinnError("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions")
-            with self.acct:
-                if self._version == seen:  # nothing was unpinned or released meanwhile
-                    self.changed.wait(min(left, 0.5))
+                with self.acct:
+                    holders = sorted(o.id for o in self.sessions.values() if o.pins and o is not s and o.charge)
+                raise RoomHeld(nbytes, holders)
+            self.wait_changed(seen, left)
+
+    @property
+    def version(self) -> int:
+        """Bumped whenever something is unpinned, released or freed: room may have come."""
+        return self._version
+
+    def wait_changed(self, seen: int, timeout: float) -> None:
+        """Wait (at most `timeout`, and half a second) for the version to move on from `seen`."""
+        with self.acct:
+            if self._version == seen:
+                self.changed.wait(min(timeout, 0.5))
 
     def _charge_if_fits(self, s, nbytes: int) -> bool:  # holding acct; s None: the overhead
         used = self.used + nbytes  # (a sum over the sessions: once, a batch's rows each pin here)
@@ -322,7 +343,7 @@ class MemoryManager:
             self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
                           gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
 
-    def swap_in(self, s, reason: str = "demand", make_room: bool = True) -> None:
+    def swap_in(self, s, reason: str = "demand", make_room: bool = True, timeout: float = ROOM_WAIT_S) -> None:
         """Bring `s` back to the device, making room first (see `reserve`); the storages are restored in place."""
         stored = s.stored
         if stored is None:
@@ -331,7 +352,7 @@ class MemoryManager:
         # kept memory of these sizes, set aside first: the charge below would trim it away
         blocks = [self.spares.take(n) if self.spares else None for n in stored.sizes]
         try:
-            self.reserve(s, need, make_room=make_room)
+            self.reserve(s, need, timeout=timeout, make_room=make_room)
         except BaseException:
             self._keep(blocks)
             raise

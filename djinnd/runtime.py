@@ -21,7 +21,7 @@ import torch
 
 from . import devicecosts
 from .charges import capacity_for, held_bytes
-from .memory import MemoryManager
+from .memory import ROOM_WAIT_S, MemoryManager, RoomHeld
 from .prefetch import Prefetcher
 from .protocol import DjinnError
 from .scheduler import QOS_RANK, DeviceLock
@@ -266,16 +266,29 @@ class Runtime:
     def _run_batch(self, rows: list[Session]) -> None:
         """One decode step of every row as one forward, holding a device slot (given back here).
         Each row's outcome is left on its session, as a forward with breakpoints leaves its, for
-        `_wait` on the thread that asked for it; a row that cannot enter fails alone."""
+        `_wait` on the thread that asked for it; a row that cannot enter fails alone.
+
+        The rows must fit on the device together: a row for which the batch's rows already in hold
+        the room does not wait for them (they cannot leave before the forward), it runs in the next
+        batch, after this one, on this device slot's next turn."""
         act = self._row_bytes(len(rows))
-        ready = []
+        ready, later = [], []
         for s in rows:
+            if later:
+                later.append(s)
+                continue
             try:
                 self.prefetch.computing(s)
                 if not s.forward_pinned:  # (steps_now pinned and charged its rows)
-                    self._enter(s, 1, act)
+                    self._enter(s, 1, act, wait=ROOM_WAIT_S if not ready else 0.0)
                 s.touch()
                 ready.append(s)
+            except RoomHeld as e:  # held by this batch's rows (or another forward's): the next batch
+                self._leave(s)
+                if ready:
+                    later.append(s)
+                else:
+                    self._end(s, e)
             except Exception as e:  # noqa: BLE001 - that row's error; the others run
                 self._leave(s)
                 self._end(s, e)
@@ -307,6 +320,9 @@ class Runtime:
                 s.pending = [token]
                 s.token = token
                 self._end(s, None)
+        if later:
+            self.device_lock.acquire(later[0].qos)
+            self._run_batch(later)
 
     def _end(self, s: Session, error: Exception | None) -> None:
         """A forward of `s` is over: idle again, with the error its caller gets, if any."""
@@ -386,25 +402,52 @@ class Runtime:
                 self._drop_hooks()
             _running.reset(running)
 
-    def _enter(self, s: Session, new_tokens: int, act: int) -> None:
+    def _enter(self, s: Session, new_tokens: int, act: int, wait: float = ROOM_WAIT_S) -> None:
         """Make `s` resident and charge it for a forward's KV growth and `act` bytes of activations,
         before allocating; pinned until the forward ends."""
         self._take_thread()
-        self._pin_forward(s)
-        self.mem.swap_in(s, reason="demand")
-        cache = s.cache
-        cap = cache.capacity_for(cache.seq_len + new_tokens)
-        if cap > cache.capacity:
-            old, new = cache.nbytes, cache.bytes_for(cap)
-            self.mem.reserve(s, new)
+
+        def take():
+            self.mem.swap_in(s, reason="demand", timeout=0)
+            cache = s.cache
+            cap = cache.capacity_for(cache.seq_len + new_tokens)
+            if cap > cache.capacity:
+                old, new = cache.nbytes, cache.bytes_for(cap)
+                self.mem.reserve(s, new, timeout=0)
+                try:
+                    cache.grow(cap)
+                except BaseException:
+                    self.mem.release(s, new)
+                    raise
+                self.mem.release(s, old)
+            self.mem.reserve(s, act, timeout=0)
+            s.act_charge = act
+        self._pin_and(s, take, wait)
+
+    def _pin_and(self, s: Session, take, wait: float = ROOM_WAIT_S) -> None:
+        """Pin `s` for a forward and `take()` what it needs on the device (its swap-in, its charges),
+        each failing at once where sessions running now hold the room. While they do, `s` holds
+        nothing, neither its pin nor the device slot its caller holds: it waits for memory to change
+        and the slot to come back, then tries again, for up to `wait` seconds. Who holds room may be
+        waiting for the device (a prefill that handed it over between layers), or for room this one
+        holds: waiting while holding either, the two wait on each other until one fails."""
+        deadline = time.monotonic() + wait
+        while True:
+            seen = self.mem.version
+            self._pin_forward(s)
             try:
-                cache.grow(cap)
-            except BaseException:
-                self.mem.release(s, new)
-                raise
-            self.mem.release(s, old)
-        self.mem.reserve(s, act)
-        s.act_charge = act
+                return take()
+            except RoomHeld:
+                self._unpin_forward(s)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                slot = self.device_lock.held_by_me()
+                if slot:
+                    self.device_lock.release()
+                self.mem.wait_changed(seen, left)
+                if slot:
+                    self.device_lock.acquire(s.qos)
 
     def _leave(self, s: Session) -> None:
         """Give back what `_enter` took for a forward: its activations' charge and its pin."""
@@ -530,13 +573,13 @@ class Runtime:
                     raise Aborted()
             try:
                 self.device_lock.acquire(s.qos)
-                self._pin_forward(s)
-                self.mem.swap_in(s, reason="resume")
-                self.mem.reserve(s, temps)
+                self._pin_and(s, lambda: (self.mem.swap_in(s, reason="resume", timeout=0),
+                                          self.mem.reserve(s, temps, timeout=0)))
                 s.act_charge += temps
                 break
             except DjinnError as e:  # stays paused, intact; the resume caller gets the error
-                self._unpin_forward(s)
+                if s.forward_pinned:
+                    self._unpin_forward(s)
                 self.device_lock.release()
                 with s.cond:
                     s.error, s.resume_requested = e, False
