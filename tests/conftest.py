@@ -84,3 +84,15 @@ def scenario(*args, socket=None, timeout=300) -> subprocess.CompletedProcess:
 
 def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
+
+
+async def until(pilot, cond, timeout: float = 60.0, what: str = "condition") -> float:
+    """Let a Textual app under Pilot run until cond() holds; the seconds it took (the timeout only
+    ends a test that would hang)."""
+    import time
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.05)
+    return time.monotonic() - t0

@@ -2,12 +2,11 @@
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, until
 
 from console.app import DjinnConsole
 from console.messages import Attached, Catalog, EventBatch
@@ -17,16 +16,6 @@ from console.widgets.plot import minmax_columns
 from console.widgets.sessions import SessionsTable
 
 SIZE = (100, 30)
-
-
-async def until(pilot, cond, timeout: float = 60.0, what: str = "condition"):
-    """Let the app run until cond() holds (the timeout only ends a test that would hang)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.05)
-    return time.monotonic() - t0
 
 
 def table_ids(app) -> set[int]:

@@ -2,10 +2,11 @@
 (SmolLM2 with real weights for the lens), and snapshots of each new screen with fixed data."""
 
 import statistics
-import time
 
 import pytest
 from textual.widgets import Input
+
+from conftest import until
 
 from console.app import DjinnConsole
 from console.debugger import View, parse_layers
@@ -15,14 +16,6 @@ from console.screens.session import SessionScreen, norm_picture
 PROMPT = "The capital of France is"
 
 
-async def until(pilot, cond, timeout: float = 120.0, what: str = "condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.05)
-
-
 def idle(screen) -> bool:
     """No request of the session screen in flight (its actions run as workers of group "debug")."""
     return not any(w.group == "debug" and not w.is_finished for w in screen.app.workers)
@@ -30,7 +23,7 @@ def idle(screen) -> bool:
 
 async def press_and_wait(pilot, screen, *keys):
     await pilot.press(*keys)
-    await until(pilot, lambda: idle(screen), what=f"{keys} to finish")
+    await until(pilot, lambda: idle(screen), 120, what=f"{keys} to finish")
 
 
 # -- the daemon's side: what the screen reads ----------------------------------------------------
@@ -65,55 +58,7 @@ def test_the_norm_picture_keeps_the_largest_of_each_group():
     assert norm_picture([1.0] * 9 + [8.0], 5) == "▂▂▂▂█"  # 10 positions in 5 cells: the spike stays
 
 
-# -- the session screen against SmolLM2 ---------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.asyncio
-async def test_step_through_layers_the_lens_finds_paris_a_patch_changes_it_and_resume_makes_its_token(
-        smollm2_daemon):
-    d = smollm2_daemon
-    with d.client() as c:
-        sid = c.create_session(prompt=PROMPT)
-        ref = c.create_session(prompt=PROMPT)
-        own, = c.generate(ref, 1)  # the model's own next token, unpaused
-        c.close(ref)
-        own_text = c.text([own])
-    assert own_text == " Paris"
-    app = DjinnConsole(d.socket)
-    async with app.run_test(size=(160, 45)) as pilot:
-        await until(pilot, lambda: app.state.attached and app.state.status, what="attach")
-        app.open_session(sid)
-        await until(pilot, lambda: isinstance(app.screen, SessionScreen), what="the session screen")
-        screen = app.screen
-        await until(pilot, lambda: idle(screen) and screen.dbg.view.pieces, what="the session's text")
-        v = screen.dbg.view
-        assert "".join(v.pieces) == PROMPT and v.layer is None
-        for _ in range(3):  # layer by layer, one key each
-            await press_and_wait(pilot, screen, "s")
-        assert v.layer == 2 and sorted(v.lens) == [0, 1, 2]
-        assert v.stats["layer"] == 2 and len(v.stats["per_position"]["norm"]) == v.forward_len == len(v.pieces)
-
-        last = v.num_layers - 1
-        await pilot.press("b")
-        await until(pilot, lambda: isinstance(app.screen, Ask), what="the breakpoints question")
-        await pilot.press("ctrl+a", "ctrl+k", *str(last), "enter")
-        assert v.breakpoints == {last}
-        await press_and_wait(pilot, screen, "n")
-        assert v.layer == last and sorted(v.lens) == list(range(last + 1))  # every layer's lens up to the pause
-        top = v.lens[last]["top"]
-        assert top[0]["token"] == own and top[0]["text"] == " Paris"
-        assert "Paris" in str(screen.query_one("#dbg-lens").render())
-
-        await pilot.press("p")
-        await until(pilot, lambda: isinstance(app.screen, PatchDialog), what="the patch dialog")
-        await pilot.press("ctrl+a", "ctrl+k", "minus", "1", "enter")  # scale the last position by -1
-        await until(pilot, lambda: app.screen is screen and idle(screen), what="the patch")
-        patched = v.lens[last]["top"]
-        assert patched[0]["token"] != own and "patched: scale -1" in v.note
-        await press_and_wait(pilot, screen, "c")
-        assert v.layer is None and v.info["tokens"] == [patched[0]["token"]]  # the patched lens's token
-        assert v.pieces[-1] == patched[0]["text"]
-
+# -- the session screen (SmolLM2's lens: test_families.py, beside its daemon) ----------------------
 
 @pytest.mark.asyncio
 async def test_new_session_generate_streams_text_and_bad_input_changes_nothing(make_daemon):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, results, scenario
+from conftest import ROOT, results, scenario, until
 from djinnd import DjinnError, load_model
 from djinnd.presets import TINY_MODELS
 
@@ -209,3 +209,56 @@ def test_the_cli_prints_text_and_ids_with_json(smollm2):
     assert resumed["state"] == "idle" and resumed["text"] == lm.decode([resumed["token"]])
     out = d.run("djinn", "session", "lens", str(sid))
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "not paused" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_step_through_layers_the_lens_finds_paris_a_patch_changes_it_and_resume_makes_its_token(
+        smollm2):
+    """The session screen of djinn-console on real weights (tests/test_debugger.py holds the rest)."""
+    from console.app import DjinnConsole
+    from console.screens.dialogs import Ask, PatchDialog
+    from console.screens.session import SessionScreen
+    from test_debugger import idle, press_and_wait
+    _, d = smollm2
+    with d.client() as c:
+        sid = c.create_session(prompt=PROMPT)
+        ref = c.create_session(prompt=PROMPT)
+        own, = c.generate(ref, 1)  # the model's own next token, unpaused
+        c.close(ref)
+        own_text = c.text([own])
+    assert own_text == " Paris"
+    app = DjinnConsole(d.socket)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await until(pilot, lambda: app.state.attached and app.state.status, what="attach")
+        app.open_session(sid)
+        await until(pilot, lambda: isinstance(app.screen, SessionScreen), what="the session screen")
+        screen = app.screen
+        await until(pilot, lambda: idle(screen) and screen.dbg.view.pieces, what="the session's text")
+        v = screen.dbg.view
+        assert "".join(v.pieces) == PROMPT and v.layer is None
+        for _ in range(3):  # layer by layer, one key each
+            await press_and_wait(pilot, screen, "s")
+        assert v.layer == 2 and sorted(v.lens) == [0, 1, 2]
+        assert v.stats["layer"] == 2 and len(v.stats["per_position"]["norm"]) == v.forward_len == len(v.pieces)
+
+        last = v.num_layers - 1
+        await pilot.press("b")
+        await until(pilot, lambda: isinstance(app.screen, Ask), what="the breakpoints question")
+        await pilot.press("ctrl+a", "ctrl+k", *str(last), "enter")
+        assert v.breakpoints == {last}
+        await press_and_wait(pilot, screen, "n")
+        assert v.layer == last and sorted(v.lens) == list(range(last + 1))  # every layer's lens up to the pause
+        top = v.lens[last]["top"]
+        assert top[0]["token"] == own and top[0]["text"] == " Paris"
+        assert "Paris" in str(screen.query_one("#dbg-lens").render())
+
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(app.screen, PatchDialog), what="the patch dialog")
+        await pilot.press("ctrl+a", "ctrl+k", "minus", "1", "enter")  # scale the last position by -1
+        await until(pilot, lambda: app.screen is screen and idle(screen), what="the patch")
+        patched = v.lens[last]["top"]
+        assert patched[0]["token"] != own and "patched: scale -1" in v.note
+        await press_and_wait(pilot, screen, "c")
+        assert v.layer is None and v.info["tokens"] == [patched[0]["token"]]  # the patched lens's token
+        assert v.pieces[-1] == patched[0]["text"]

@@ -1,14 +1,13 @@
 """djinn-console --replay: a recorded exp3 run scrubbed with the keys, bad paths, and snapshots of fixed events."""
 
 import json
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from textual.command import CommandList
 
-from conftest import results, scenario
+from conftest import results, scenario, until
 
 from djinnd import export_events
 
@@ -19,15 +18,6 @@ from console.widgets.panels import SwapLog
 from console.widgets.plot import VramPlot
 
 MiB = 1 << 20
-
-
-async def until(pilot, cond, timeout: float = 30.0, what: str = "condition"):
-    """Let the app run until cond() holds (the timeout only ends a test that would hang)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def at_cursor(events: list[dict], limit_ns: int) -> tuple[dict, list[dict]]:
