@@ -145,16 +145,16 @@ class SessionScreen(Screen):
     COMMANDS = {SessionCommands}
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
-        Binding("s", "step", "Step layer"),
-        Binding("n", "next", "Next break"),
-        Binding("c", "finish", "Resume"),
-        Binding("g", "generate", "Generate"),
-        Binding("b", "breakpoints", "Breakpoints"),
-        Binding("p", "patch", "Patch"),
-        Binding("left", "move(-1)", "Position", key_display="←→"),
-        Binding("right", "move(1)", "Position", show=False),
-        Binding("r", "refresh", "Refresh", show=False),
-        Binding("x", "close_session", "Close"),
+        Binding("s", "go('step')", "Step layer"),
+        Binding("n", "go('next')", "Next break"),
+        Binding("c", "go('finish')", "Resume"),
+        Binding("g", "go('generate')", "Generate"),
+        Binding("b", "go('breakpoints')", "Breakpoints"),
+        Binding("p", "go('patch')", "Patch"),
+        Binding("left", "go('move', -1)", "Position", key_display="←→"),
+        Binding("right", "go('move', 1)", "Position", show=False),
+        Binding("r", "go('refresh')", "Refresh", show=False),
+        Binding("x", "go('close_session')", "Close"),
     ]
     ACTIONS = [("step one layer", "step", "run the forward to the end of the next layer (s)"),
                ("run to the next breakpoint", "next", "or to the end of the forward (n)"),
@@ -282,29 +282,5 @@ class SessionScreen(Screen):
             return
         self.run_action("patch", answer["op"], value, positions, channels)
 
-    def action_step(self) -> None:
-        self.run_action("step")
-
-    def action_next(self) -> None:
-        self.run_action("next")
-
-    def action_finish(self) -> None:
-        self.run_action("finish")
-
-    def action_generate(self) -> None:
-        self.run_action("generate")
-
-    def action_breakpoints(self) -> None:
-        self.run_action("breakpoints")
-
-    def action_patch(self) -> None:
-        self.run_action("patch")
-
-    def action_move(self, by: int) -> None:
-        self.run_action("move", by)
-
-    def action_refresh(self) -> None:
-        self.run_action("refresh")
-
-    def action_close_session(self) -> None:
-        self.run_action("close_session")
+    def action_go(self, name: str, *args) -> None:
+        self.run_action(name, *args)
