@@ -58,7 +58,7 @@ def test_the_norm_picture_keeps_the_largest_of_each_group():
     assert norm_picture([1.0] * 9 + [8.0], 5) == "▂▂▂▂█"  # 10 positions in 5 cells: the spike stays
 
 
-# -- the session screen (SmolLM2's lens: test_families.py, beside its daemon) ----------------------
+# -- the session screen (SmolLM2's lens: test_smollm2.py, beside its daemon) ---------------------
 
 @pytest.mark.asyncio
 async def test_new_session_generate_streams_text_and_bad_input_changes_nothing(make_daemon):
