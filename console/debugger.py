@@ -116,11 +116,12 @@ class Debugger:
         got = await self.call(lambda c: c.run_to(v.sid, layers=list(range(v.num_layers))))
         v.lens.clear()
         v.position = -1
-        await self._observe(got["layer"], stats=True)
+        await self._observe(got["layer"], stats=False)  # the figures come where it stops (_stopped)
 
     async def _stopped(self) -> None:
         v = self.view
         v.stats = await self.call(lambda c: c.inspect(v.sid))
+        v.forward_len = v.stats["shape"][1]
         v.note = f"paused after layer {v.layer}"
         v.info = await self.call(lambda c: c.session(v.sid))
         self.changed()
