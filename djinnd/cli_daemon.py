@@ -91,7 +91,8 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def main():
+def prepare_env() -> None:
+    """The environment torch must read before it allocates (the fork server calls it too)."""
     # Transparent huge pages for large CPU tensors (set before torch allocates): a swap-in then
     # faults in 2 MiB pages, not 4 KiB ones, several times faster.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -101,4 +102,8 @@ def main():
     conf = os.environ.get(name, "")
     if "expandable_segments" not in conf:
         os.environ[name] = ",".join(filter(None, [conf, "expandable_segments:True"]))
+
+
+def main():
+    prepare_env()
     app(prog_name="djinnd")

@@ -90,9 +90,9 @@ def _runtime(config):
     from .telemetry import EventBus, FileSink
 
     dev = resolve_device(config.device)
-    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if dev.type == "cpu":  # sessions compute one at a time: more intra-op threads only contend, unless asked for
         import torch
-        torch.set_num_threads(1)  # sessions compute one at a time; more intra-op threads only contend
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))  # (a forked daemon's OpenMP read it before)
     t0 = time.monotonic()
     lm = load_model(config.model, dev, parse_dtype(config.dtype))
     capacity = default_capacity(dev)

@@ -1,21 +1,22 @@
 """djinnd in a child process of its own, for one run: a scenario with no daemon to use, a test, a
 benchmark. It serves on a short socket under /tmp (ipc paths must stay under ~100 bytes), writes
-its output to logs/daemon/djinnd.log, and is stopped the way systemd stops it (SIGTERM)."""
+its output to logs/daemon/djinnd.log, and is stopped the way systemd stops it (SIGTERM). It is
+forked from the process's fork server (forkserver.py), which has imported torch once for them all."""
 
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .client import Client
+from .forkserver import ForkServer
 from .protocol import DjinnError
 
 
-def wait_serving(proc: subprocess.Popen, sock: Path, timeout: float) -> str | None:
+def wait_serving(proc, sock: Path, timeout: float) -> str | None:
     """None once the daemon `proc` answers a ping on `sock`; else why not: it exited, or `timeout` passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,14 +48,12 @@ class PrivateDaemon:
         self.log_file = self.logs / "daemon" / "djinnd.log"
         self.args = args
         self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        self.proc = None  # a subprocess.Popen or forkserver.Forked
 
     def start(self, timeout: float = 300.0) -> "PrivateDaemon":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "djinnd", "start", "--socket", str(self.socket), "--logs", str(self.logs),
-                 *self.args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = ForkServer.shared().spawn(["start", "--socket", str(self.socket), "--logs", str(self.logs), *self.args],
+                                              self.env, str(self.log_file))
         why = wait_serving(self.proc, self.socket, timeout)
         if why is None:
             return self

@@ -1,0 +1,177 @@
+"""Private daemons forked from one process that has imported torch and transformers already.
+
+Importing them is most of a daemon's start: several seconds of CPU each (8 s on a busy 2-core
+machine), paid again by every daemon of a run that starts many (the test suite, the generality
+scenario). The server pays it once, then forks a child per daemon, which runs djinnd's ordinary
+`main` with its own arguments, environment, working folder and log file, as `python -m djinnd`
+would. The server starts no thread of its own, touches no device and makes no tensor before it
+forks, the conditions under which torch's DataLoader forks its workers.
+
+Wire (JSON lines over the server's stdin and stdout): a request {"argv", "env", "cwd", "log"} is
+answered {"pid"}; each child's end is reported {"exit": pid, "code"}. The server ends when its
+stdin closes (its parent is gone); children it leaves run on, as Popen's would.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+
+PRELOAD = ("torch", "transformers", "djinnd.daemon", "djinnd.models", "djinnd.rows", "djinnd.runtime", "djinnd.server",
+           "transformers.models.llama.modeling_llama")  # the default model's family
+
+
+def main() -> None:
+    from .cli_daemon import main as djinnd_main, prepare_env
+
+    prepare_env()  # before torch reads it, as djinnd's main does
+    sys.stdout = sys.stderr  # stdout is the wire: what the imports print goes to stderr
+    for name in PRELOAD:
+        __import__(name)
+    request = _serve()  # returns in a forked child only
+    _become(request)
+    djinnd_main()
+
+
+def _serve() -> dict:
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below through wake_w
+    buf = b""
+    while True:
+        ready, _, _ = select.select([0, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 512)
+            _reap()
+        if 0 in ready:
+            data = os.read(0, 65536)
+            if not data:
+                sys.exit(0)  # the parent is gone
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.close(wake_r), os.close(wake_w)
+                    return request
+                _send({"pid": pid})
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _send(msg: dict) -> None:
+    os.write(1, json.dumps(msg).encode() + b"\n")
+
+
+def _become(request: dict) -> None:
+    """The child: stdin from /dev/null, stdout and stderr to its log, its folder, environment and argv."""
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0), os.dup2(log, 1), os.dup2(log, 2)  # and so the server's pipes close here
+    os.close(null), os.close(log)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.stdout = sys.__stdout__
+    sys.argv = ["djinnd", *request["argv"]]
+
+
+class ForkServer:
+    """The parent's side: `spawn` a daemon, read its exit code. One per process, shared by threads."""
+
+    _shared: "ForkServer | None" = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> "ForkServer":
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared.gone:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "from djinnd.forkserver import main; main()"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=None)
+        self.cond = threading.Condition()
+        self.pending: deque[list] = deque()  # a slot per spawn awaiting its pid, in order
+        self.codes: dict[int, int] = {}
+        self.gone = False
+        threading.Thread(target=self._read, name="djinnd-forkserver", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.cond:
+                if "pid" in msg:
+                    self.pending.popleft().append(msg["pid"])
+                else:
+                    self.codes[msg["exit"]] = msg["code"]
+                self.cond.notify_all()
+        with self.cond:
+            self.gone = True
+            self.cond.notify_all()
+
+    def spawn(self, argv: list[str], env: dict, log: str) -> "Forked":
+        slot: list = []
+        request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "log": log}).encode() + b"\n"
+        with self.cond:
+            if self.gone:
+                raise RuntimeError(f"the fork server exited ({self.proc.poll()})")
+            self.pending.append(slot)
+            self.proc.stdin.write(request)
+            self.proc.stdin.flush()
+            if not self.cond.wait_for(lambda: slot or self.gone, 600) or not slot:
+                raise RuntimeError(f"the fork server did not fork (exit code {self.proc.poll()})")
+        return Forked(self, slot[0])
+
+    def code(self, pid: int, timeout: float | None) -> int | None:
+        """The child's exit code, or None while it runs after `timeout` seconds."""
+        with self.cond:
+            self.cond.wait_for(lambda: pid in self.codes or self.gone, timeout)
+            if pid not in self.codes and self.gone:
+                raise RuntimeError(f"the fork server exited ({self.proc.poll()}): djinnd {pid}'s exit code is lost")
+            return self.codes.get(pid)
+
+
+class Forked:
+    """A forked daemon, used as a subprocess.Popen is: pid, poll, wait, send_signal, kill, returncode."""
+
+    def __init__(self, server: ForkServer, pid: int):
+        self.server, self.pid = server, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.code(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.code(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(["djinnd", str(self.pid)], timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not yet reaped, so the pid is still this child's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
