@@ -96,7 +96,8 @@ class Served:
     """One way of serving steps from another process: `call(start)` returns the token."""
 
     def __init__(self, way: str, folder: str):
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")  # the servers fork from one process that imported torch once
+        ctx.set_forkserver_preload(["torch", "djinnd.models", "bench.transport"])
         self.proc = self.sock = self.shm = self.daemon = None
         if way == "djinnd per call":
             self.daemon = PrivateDaemon("--device", "cpu").start()
