@@ -6,6 +6,7 @@ the functions: it takes ~2 s, and the CLI does not need it.
 """
 
 import contextlib
+import functools
 import os
 import pathlib
 
@@ -60,13 +61,29 @@ def load(source: str | pathlib.Path, dtype: torch.dtype, gguf_file: str | None =
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """transformers parses a GGUF file three times in one load (config, tokenizer, weights; ~10 s each
+    for SmolLM2's vocabulary on a small CPU) and builds gguf's tensor-name map once per module (~14 s):
+    within the load, each is made once."""
+    import gguf
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
+
+
 def load_gguf(file: str | pathlib.Path, dtype: torch.dtype):
     """A GGUF file's model, dequantized, and its tokenizer; ValueError (one line) when it cannot be read."""
     file = pathlib.Path(file).expanduser()
     if not file.is_file():
         raise ValueError(f"no GGUF file at {str(file)!r}")
     try:
-        return load(file.parent, dtype, gguf_file=file.name)
+        with gguf_read_once():
+            return load(file.parent, dtype, gguf_file=file.name)
     except ImportError as e:
         raise ValueError(f"loading {file.name} needs the gguf package ({e})") from e
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file can fail anywhere in the reader
