@@ -197,9 +197,21 @@ class MemoryManager:
             left = deadline - time.monotonic()
             if left <= 0:
                 with self.acct:
-                    holders = sorted(o.id for o in self.sessions.values() if o.pins and o is not s and o.charge)
-                raise RoomHeld(nbytes, holders)
+                    raise RoomHeld(nbytes, self._holders(s))
             self.wait_changed(seen, left)
+
+    def check_room(self, s, nbytes: int) -> None:
+        """RoomHeld at once, changing nothing, when `nbytes` more for `s` would not fit even with every
+        session that may move swapped out: sessions running now hold the rest, and swapping others
+        out would only make them swap back in (two waiters did so to each other thousands of times)."""
+        with self.acct:
+            holders = self._holders(s)
+            movable = sum(o.charge for o in self._victims(s))
+            if holders and self.used - movable + nbytes > self.budget:
+                raise RoomHeld(nbytes, holders)
+
+    def _holders(self, s) -> list[int]:  # holding acct
+        return sorted(o.id for o in self.sessions.values() if o.pins and o is not s and o.charge)
 
     @property
     def version(self) -> int:
@@ -231,7 +243,7 @@ class MemoryManager:
             self._changed()
 
     def _pinned_others(self, s) -> bool:
-        return any(o.pins and o is not s and o.charge for o in self.sessions.values())
+        return bool(self._holders(s))
 
     def _make_room(self, nbytes: int, requester) -> bool:
         """Swap out victims until `nbytes` more fit; True when they do."""

@@ -406,39 +406,51 @@ class Runtime:
         """Make `s` resident and charge it for a forward's KV growth and `act` bytes of activations,
         before allocating; pinned until the forward ends."""
         self._take_thread()
+        cache = s.cache
+
+        def growth() -> tuple[int, int]:
+            cap = cache.capacity_for(cache.seq_len + new_tokens)
+            return (cache.nbytes, cache.bytes_for(cap)) if cap > cache.capacity else (0, 0)
+
+        def need() -> int:  # the most its charge grows by: its swap-in, the new slab beside the old, then act
+            old, new = growth()
+            return (s.stored.charge if s.stored is not None else 0) + max(new, new - old + act)
 
         def take():
             self.mem.swap_in(s, reason="demand", timeout=0)
-            cache = s.cache
-            cap = cache.capacity_for(cache.seq_len + new_tokens)
-            if cap > cache.capacity:
-                old, new = cache.nbytes, cache.bytes_for(cap)
+            old, new = growth()
+            if new:
                 self.mem.reserve(s, new, timeout=0)
                 try:
-                    cache.grow(cap)
+                    cache.grow(cache.capacity_for(cache.seq_len + new_tokens))
                 except BaseException:
                     self.mem.release(s, new)
                     raise
                 self.mem.release(s, old)
             self.mem.reserve(s, act, timeout=0)
             s.act_charge = act
-        self._pin_and(s, take, wait)
+        self._pin_and(s, need, take, wait)
 
-    def _pin_and(self, s: Session, take, wait: float = ROOM_WAIT_S) -> None:
-        """Pin `s` for a forward and `take()` what it needs on the device (its swap-in, its charges),
-        each failing at once where sessions running now hold the room. While they do, `s` holds
-        nothing, neither its pin nor the device slot its caller holds: it waits for memory to change
-        and the slot to come back, then tries again, for up to `wait` seconds. Who holds room may be
-        waiting for the device (a prefill that handed it over between layers), or for room this one
-        holds: waiting while holding either, the two wait on each other until one fails."""
+    def _pin_and(self, s: Session, need, take, wait: float = ROOM_WAIT_S) -> None:
+        """Pin `s` for a forward and `take()` what it needs on the device (its swap-in, its charges:
+        `need()` bytes more at most), each failing at once where sessions running now hold the room.
+        While they do, `s` holds nothing, neither its pin nor the device slot its caller holds, and
+        moves nobody: it waits for memory to change and the slot to come back, then tries again, for
+        up to `wait` seconds. Who holds room may be waiting for the device (a prefill that handed it
+        over between layers), or for room this one holds: waiting while holding either, the two wait
+        on each other until one fails."""
         deadline = time.monotonic() + wait
         while True:
             seen = self.mem.version
-            self._pin_forward(s)
             try:
-                return take()
+                self.mem.check_room(s, need())
+                self._pin_forward(s)
+                try:
+                    return take()
+                except RoomHeld:
+                    self._unpin_forward(s)
+                    raise
             except RoomHeld:
-                self._unpin_forward(s)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
@@ -573,8 +585,9 @@ class Runtime:
                     raise Aborted()
             try:
                 self.device_lock.acquire(s.qos)
-                self._pin_and(s, lambda: (self.mem.swap_in(s, reason="resume", timeout=0),
-                                          self.mem.reserve(s, temps, timeout=0)))
+                self._pin_and(s, lambda: (s.stored.charge if s.stored is not None else 0) + temps,
+                              lambda: (self.mem.swap_in(s, reason="resume", timeout=0),
+                                       self.mem.reserve(s, temps, timeout=0)))
                 s.act_charge += temps
                 break
             except DjinnError as e:  # stays paused, intact; the resume caller gets the error

@@ -335,6 +335,33 @@ def test_a_decode_step_runs_on_the_callers_thread_only_when_nothing_would_wait(r
     assert rt.steps_now([999, "1"]) == {}
 
 
+def test_forwards_waiting_for_room_a_running_session_holds_wait_without_swapping_each_other_out(rt):
+    """A and B idle, C running (pinned, holding room for its forward): beside C either slab fits, not
+    with a step's activations. While C holds the room A and B wait, and neither swaps the other out to
+    find it still too small (they did, 44,000 times a minute, until their wait ran out); once C is
+    done both run, with their tokens."""
+    ref = reference(rt, n=2)
+    a, b, c = (rt.create(prompt=PROMPT) for _ in range(3))
+    for s in (a, b, c):
+        rt.generate(s.id, 1)
+    rt.mem.pin(c)
+    held = 4 * rt._act_bytes(1)
+    rt.mem.reserve(c, held)
+    rt.mem.set_budget(rt.mem.fixed + rt.mem.overhead + c.charge + a.charge + rt._act_bytes(1) - 1)
+    swaps = dict(rt.mem.counters)
+    got = {}
+    threads = [threading.Thread(target=lambda s=s: got.setdefault(s.id, rt.generate(s.id, 1))) for s in (a, b)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    waited = {k: rt.mem.counters[k] - swaps[k] for k in ("swap_outs", "swap_ins")}
+    assert not got and waited["swap_outs"] <= 1 and waited["swap_ins"] <= 1, waited
+    rt.mem.unpin(c, release=held)
+    for t in threads:
+        t.join(30)
+    assert got == {a.id: ref[1:], b.id: ref[1:]}
+
+
 def test_a_step_on_the_callers_thread_grows_a_full_slab_when_the_budget_has_room(rt):
     s = rt.create(prompt=PROMPT)
     toks = rt.generate(s.id, 1)
