@@ -26,6 +26,7 @@ from .scheduler import QOS_RANK
 from .session import State
 from .spares import Spares
 from .stats import percentile
+from .swappool import DiskTier, HostPool, Stored, u8
 
 ROOM_WAIT_S = 60.0  # how long a request waits for room that running sessions hold before it fails
 
@@ -36,7 +37,7 @@ class RoomHeld(DjinnError):
     def __init__(self, nbytes: int, holders: list[int]):
         who = f" ({', '.join(map(str, holders))})" if holders else ""
         super().__init__("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions{who}")
-from .swappool import DiskTier, HostPool, Stored, u8
+
 
 def coldness(s) -> tuple:
     """Eviction order, lowest first: waiting on I/O; then paused or idle before a forward queued for
