@@ -1,17 +1,27 @@
 """Every benchmark runs here at its smallest size, so a change that breaks one fails the suite."""
 
-import subprocess
+import contextlib
+import importlib
+import io
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 
-
-def run_bench(*argv: str) -> str:
-    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return p.stdout
+def run_bench(script: str, *args: str) -> str:
+    """What the benchmark's main printed, run in this process as `python script args` would run it:
+    torch is imported once for them all, and their private daemons fork from this worker's fork server."""
+    module = importlib.import_module(f"bench.{Path(script).stem}")
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(out):
+            code = module.main()
+    finally:
+        sys.argv = argv
+    assert code in (None, 0), out.getvalue()[-2000:]
+    return out.getvalue()
 
 
 def test_swap_bench_round_trips_real_sessions_intact_on_both_tiers(tmp_path):
