@@ -35,6 +35,7 @@ from pathlib import Path
 from djinnd import default_logs_dir
 
 from . import catalog
+from .figures import figure
 
 HERE = Path(__file__).parent / "plans"
 FINISHED = ("pass", "fail", "skipped")
@@ -331,22 +332,15 @@ def _figure(plan: Plan, sname: str, rows: list[dict], keys: list[str]) -> Path |
     keys = [k for k in keys if any(k in r["figures"] for r in rows)][:6]
     if not keys:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(4.0, 1.2 * len(rows) + 2), 2.4 * len(keys)), squeeze=False)
-    labels = [r["point"].removeprefix(sname + "-") or sname for r in rows]
-    for ax, k in zip(axes[:, 0], keys):
-        means = [r["figures"].get(k, {}).get("mean", math.nan) for r in rows]
-        errs = [r["figures"].get(k, {}).get("ci95") or 0.0 for r in rows]
-        ax.errorbar(range(len(rows)), means, yerr=errs, fmt="o-", capsize=4)
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
-        ax.set_ylabel(k, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_title(f"plan {plan.name}: {sname} (mean, 95% interval)", fontsize=9)
-    fig.tight_layout()
     path = plan.folder / f"{sname}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    labels = [r["point"].removeprefix(sname + "-") or sname for r in rows]
+    with figure(path, len(keys), 1, title=f"plan {plan.name}: {sname} (mean, 95% interval)",
+                size=(max(4.0, 1.2 * len(rows) + 2), 2.4 * len(keys))) as axes:
+        for ax, k in zip(axes, keys):
+            means = [r["figures"].get(k, {}).get("mean", math.nan) for r in rows]
+            errs = [r["figures"].get(k, {}).get("ci95") or 0.0 for r in rows]
+            ax.errorbar(range(len(rows)), means, yerr=errs, fmt="o-", capsize=4)
+            ax.set_xticks(range(len(rows)), labels, fontsize=8)
+            ax.set_ylabel(k, fontsize=8)
+            ax.grid(alpha=0.3)
     return path

@@ -12,6 +12,7 @@ from djinnd import AsyncClient, format_size, percentile
 
 from .common import Skip, prompt_ids, vocab_of
 from .exp3_plan import crit
+from .figures import figure
 
 
 def needs_daemon(p: dict) -> bool:
@@ -101,36 +102,26 @@ async def _point(ctx, p: dict, n: int, vocab: int) -> dict:
             "forwards": forwards, "mean_batch": round(rows / forwards, 2) if forwards else None, "errors": errors[:5]}
 
 
-def _plot(path, sweeps: dict, model: str, device: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (tp, lat) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode, points in sweeps.items():
-        xs = [q["clients"] for q in points]
-        style = "-o" if mode == "batched" else "--s"
-        tp.plot(xs, [q["tokens_per_s"] for q in points], style, label=mode)
-        lat.plot(xs, [q["latency_ms"]["p50"] for q in points], style, label=f"{mode} p50")
-        lat.plot(xs, [q["latency_ms"]["p99"] for q in points], style, alpha=0.5, label=f"{mode} p99")
-    for ax, title, unit in ((tp, "total throughput", "tokens/s"), (lat, "per-token latency", "ms")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    lat.set_yscale("log")
-    fig.suptitle(f"djinnd decode under load: {model} on {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _plot(path, sweeps: dict, model: str, device: str) -> str:
+    with figure(path, 1, 2, title=f"djinnd decode under load: {model} on {device}", size=(11, 4.2)) as (tp, lat):
+        for mode, points in sweeps.items():
+            xs = [q["clients"] for q in points]
+            style = "-o" if mode == "batched" else "--s"
+            tp.plot(xs, [q["tokens_per_s"] for q in points], style, label=mode)
+            lat.plot(xs, [q["latency_ms"]["p50"] for q in points], style, label=f"{mode} p50")
+            lat.plot(xs, [q["latency_ms"]["p99"] for q in points], style, alpha=0.5, label=f"{mode} p99")
+        for ax, title, unit in ((tp, "total throughput", "tokens/s"), (lat, "per-token latency", "ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(unit)
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        lat.set_yscale("log")
     return str(path)
 
 
-def _verdict(ctx, p: dict, sweeps: dict, m: dict, png: str | None):
+def _verdict(ctx, p: dict, sweeps: dict, m: dict, png: str):
     points = [q for s in sweeps.values() for q in s]
     bad = [q for q in points if q["errors"] or not q["tokens"]]
     criteria = [crit(ctx, "all_complete", f"{len(points) - len(bad)} of {len(points)} points"
@@ -154,8 +145,6 @@ def _verdict(ctx, p: dict, sweeps: dict, m: dict, png: str | None):
     for mode, s in sweeps.items():
         ctx.say(f"{mode}: " + "; ".join(f"{q['clients']}: {q['tokens_per_s']} tok/s p99 {q['latency_ms']['p99']} ms"
                                         + (f" (batch {q['mean_batch']})" if mode == "batched" else "") for q in s))
-    if png is None:
-        ctx.note("no figure: matplotlib is not installed")
     n = max(q["clients"] for q in points)
     body = {"capacity_math": {"sessions": n, "budget_bytes": ctx.budget, "budget": format_size(ctx.budget)},
             "num_sessions_requested": sum(q["clients"] for q in points),
