@@ -75,6 +75,10 @@ class _Api:
     def generate(self, sid: int, max_new_tokens: int = 1):
         return self._do("session.generate", lambda r: r["tokens"], session=sid, max_new_tokens=max_new_tokens)
 
+    def append(self, sid: int, token_ids: list[int]):
+        """Add input after what the session holds: its next forward (generate, run_to) feeds it."""
+        return self._do("session.append", session=sid, token_ids=list(token_ids))
+
     def run_to(self, sid: int, layer: int | None = None, layers: list[int] | None = None):
         """Run the next forward until after decoder layer `layer` (or the first of `layers`) and pause there."""
         return self._do("session.run_to", session=sid, layers=layers if layers is not None else [layer])

@@ -130,6 +130,25 @@ class Runtime:
         s = self.get(sid)
         return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
 
+    def append(self, sid, token_ids) -> dict:
+        """Input for the next forward after what `sid` holds, so a conversation's new turn computes only
+        its own tokens over the KV kept from the turns before (they follow its last token, which the
+        next forward feeds too). Its tokens after the prompt list them in order with the generated ones."""
+        s = self.get(sid)
+        if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):
+            raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
+        if not s.op_lock.acquire(blocking=False):
+            self._check_idle(s)
+            raise DjinnError("bad_state", f"session {s.id} is busy with another request")
+        try:
+            with s.cond:
+                self._check_idle(s)
+                s.pending = s.pending + list(token_ids)
+                s.generated += token_ids
+        finally:
+            s.op_lock.release()
+        return {"pending": len(s.pending)}
+
     def steps_now(self, sids) -> dict:
         """Decode steps that can start at once, run on the caller's thread as one batched forward:
         sessions idle and resident, the device free and nobody waiting for it, the budget with room

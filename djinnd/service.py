@@ -137,6 +137,9 @@ class Service:
     def generate(self, session, max_new_tokens):
         return {"tokens": self.rt.generate(session, max_new_tokens)}
 
+    def append(self, session, token_ids):
+        return self.rt.append(session, token_ids)
+
     def run_to(self, session, layers):
         return self.rt.run_to(session, layers)
 
@@ -181,7 +184,8 @@ class Service:
         "ping": ping, "status": status, "snapshot": snapshot, "events.since": events_since, "event.emit": emit,
         "shutdown": shutdown, "memory.set_budget": set_budget,
         "memory.set_swap": set_swap, "memory.reset_peak": reset_peak, "scheduler.set": scheduler_set,
-        "model.text": text, "session.create": create, "session.list": list, "session.get": get, "session.generate": generate,
+        "model.text": text, "session.create": create, "session.list": list, "session.get": get,
+        "session.generate": generate, "session.append": append,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.lens": lens, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,

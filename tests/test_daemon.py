@@ -376,3 +376,30 @@ def test_the_logit_lens_at_the_last_layer_is_the_models_own_next_token_distribut
         assert e.value.code == "bad_state"
     out = daemon.run("djinn", "session", "lens", str(sid))
     assert out.returncode == 1 and "not paused" in out.stderr
+
+
+def test_append_continues_a_session_as_if_its_history_had_been_its_prompt(daemon):
+    """A conversation's turns: the new input after what the session holds, over its kept KV, gives
+    the tokens of a session whose prompt is the whole history; bad input changes nothing."""
+    with daemon.client() as c:
+        sid = c.create_session(token_ids=[5, 6, 7])
+        first = c.generate(sid, 3)
+        assert c.append(sid, [9, 10]) == {"pending": 3}  # the last token, not yet in the KV, and the turn
+        second = c.generate(sid, 3)
+        whole = c.create_session(token_ids=[5, 6, 7, *first, 9, 10])
+        assert c.generate(whole, 3) == second
+        assert c.session(sid)["tokens"] == [*first, 9, 10, *second]
+        vocab = c.status()["model"]["vocab_size"]
+        for bad, code in (([], "bad_params"), ([vocab], "bad_params"), ([-1], "bad_params")):
+            with pytest.raises(DjinnError) as e:
+                c.append(sid, bad)
+            assert e.value.code == code, bad
+        c.run_to(sid, layer=1)
+        with pytest.raises(DjinnError) as e:
+            c.append(sid, [11])
+        assert e.value.code == "bad_state" and "paused" in str(e.value)
+        c.resume(sid)
+        with pytest.raises(DjinnError) as e:
+            c.append(999, [11])
+        assert e.value.code == "unknown_session"
+        assert c.session(sid)["tokens"][:8] == [*first, 9, 10, *second]
