@@ -8,6 +8,8 @@ A plan is a TOML file (shipped in scenarios/plans/, or any path ending in .toml)
     sessions = [8, 16, 24]       # a list: a point per value (several lists: every combination)
     budget_fraction = 0.5        # one value: set at every point
     timeout_s = 600              # (not a parameter) a run still going then is stopped, and fails
+    private_daemon = true        # (not a parameter) each run starts a daemon of its own on the point's
+                                 # model and device: a point that cannot have its model says skipped
 
 Each run is `djinn scenario run NAME --headless --set ... --output logs/plans/<plan>/<point>/<stamp>`
 in a process of its own, so a point that breaks stops nothing else; `outcome.json` beside its
@@ -27,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,6 +57,7 @@ class Point:
     scenario: str
     sets: dict  # key -> the value's text, as `--set key=text` takes it
     timeout_s: float | None = None
+    private_daemon: bool = False
 
 
 @dataclass
@@ -109,6 +113,9 @@ def _points(path: Path, sname: str, params) -> list[Point]:
     timeout = params.pop("timeout_s", None)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise PlanError(f"plan {path}: {sname}: timeout_s must be a number of seconds > 0, got {timeout!r}")
+    private = params.pop("private_daemon", False)
+    if not isinstance(private, bool):
+        raise PlanError(f"plan {path}: {sname}: private_daemon must be true or false, got {private!r}")
     texts = {k: [_text(x) for x in v] if isinstance(v, list) else [_text(v)] for k, v in params.items()}
     try:
         sc.parse_sets([f"{k}={t}" for k, ts in texts.items() for t in ts])  # each value checked as --set checks it
@@ -118,7 +125,7 @@ def _points(path: Path, sname: str, params) -> list[Point]:
     out = []
     for combo in itertools.product(*texts.values()):
         sets = dict(zip(texts, combo))
-        out.append(Point("-".join([sname] + [f"{k}={sets[k]}" for k in swept]), sname, sets, timeout))
+        out.append(Point("-".join([sname] + [f"{k}={sets[k]}" for k in swept]), sname, sets, timeout, private))
     return out
 
 
@@ -260,6 +267,8 @@ def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
     folder.mkdir(parents=True)
     argv = [sys.executable, "-m", "scenarios.cli", "run", p.scenario, "--headless", "--output", str(folder)]
     argv += [x for k, v in p.sets.items() for x in ("--set", f"{k}={v}")]
+    if p.private_daemon:  # a socket where no daemon answers: the run starts its own
+        socket = str(Path(tempfile.mkdtemp(prefix="djp", dir="/tmp")) / "none.sock")
     argv += ["--socket", socket] if socket else []
     with open(folder / "run.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -107,3 +107,17 @@ def test_an_interrupted_plan_resumes_where_it_stopped_and_a_second_runner_is_ref
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "exp3-sessions=2: done (1 runs), skipped" in resumed.stdout
     assert all(r["state"] == "done" and r["finished"] == 1 for r in states(plan, path).values())
+
+
+def test_a_private_daemon_point_runs_on_its_own_model_or_says_skipped(plan, tmp_path):
+    """The module's daemon serves tiny-llama; each point here gets a daemon of its own on its model."""
+    path = write(tmp_path, "models", 'repeats = 1\n[scenarios.exp3]\nprivate_daemon = true\ndevice = "cpu"\n'
+                                     f'model = ["tiny-gpt2", "no-such-model"]\nsessions = 2\n{EXP3}')
+    out = plan("run", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = states(plan, path)
+    gpt2, missing = rows["exp3-model=tiny-gpt2"], rows["exp3-model=no-such-model"]
+    assert gpt2["verdicts"] == {"pass": 1} and missing["verdicts"] == {"skipped": 1}
+    assert "unknown model 'no-such-model'" in missing["reason"]
+    results = json.loads(next(plan.folder.glob("models/exp3-model=tiny-gpt2/*/results.json")).read_text())
+    assert results["model"]["name"] == "tiny-gpt2"
