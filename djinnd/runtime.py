@@ -67,8 +67,7 @@ class Runtime:
             if not prompt:
                 raise DjinnError("bad_params", "give a non-empty 'prompt' or 'token_ids'")
             token_ids = self.lm.encode(prompt)
-        if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):
-            raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
+        self._check_ids(token_ids)
         first = capacity_for(0, len(token_ids)) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
         if self.mem.fixed + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
@@ -135,11 +134,8 @@ class Runtime:
         its own tokens over the KV kept from the turns before (they follow its last token, which the
         next forward feeds too). Its tokens after the prompt list them in order with the generated ones."""
         s = self.get(sid)
-        if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):
-            raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
-        if not s.op_lock.acquire(blocking=False):
-            self._check_idle(s)
-            raise DjinnError("bad_state", f"session {s.id} is busy with another request")
+        self._check_ids(token_ids)
+        self._take_op(s)
         try:
             with s.cond:
                 self._check_idle(s)
@@ -240,9 +236,7 @@ class Runtime:
     def _run_forward(self, s: Session, breakpoints: list[int]) -> dict:
         # held until the forward pauses or ends: no other request's forward or resume comes between
         # it and the answer read back from the session
-        if not s.op_lock.acquire(blocking=False):
-            self._check_idle(s)
-            raise DjinnError("bad_state", f"session {s.id} is busy with another request")
+        self._take_op(s)
         try:
             with s.cond:
                 self._check_idle(s)
@@ -261,6 +255,16 @@ class Runtime:
             return {"state": "idle", "token": self._forward(s)}  # a prefill, here: no thread hand-off
         finally:
             s.op_lock.release()
+
+    def _check_ids(self, token_ids) -> None:
+        if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):
+            raise DjinnError("bad_params", f"'token_ids' must be a non-empty list of ints in [0, {self.lm.vocab_size})")
+
+    def _take_op(self, s: Session) -> None:
+        """`s`'s op_lock for this request, or why not: another request holds it, or `s` is not idle."""
+        if not s.op_lock.acquire(blocking=False):
+            self._check_idle(s)
+            raise DjinnError("bad_state", f"session {s.id} is busy with another request")
 
     @staticmethod
     def _check_idle(s: Session) -> None:
