@@ -3,12 +3,17 @@
 N sessions pause at layer breakpoints inside their forward pass and stay paused while more
 spawn, so demand exceeds the budget and the daemon must swap paused sessions out; then all of
 them resume and their tokens are compared with the same prompts run unpaused.
+The figure (exp3.png) shows the plateau: device memory over the run against the budget, with the
+swaps that hold it there.
 """
+
+import time
 
 from djinnd import DjinnError, format_size, utc_stamp
 
 from .common import prompt_ids, vocab_of
 from .exp3_plan import crit, effective, fmt, plan
+from .figures import figure
 
 
 def needs_daemon(p: dict) -> bool:
@@ -38,7 +43,13 @@ def finish(c, sid: int, gen_tokens: int) -> list[int]:
 def run(ctx, p: dict):
     if p["baseline"] == "hold-all":
         from .baseline import hold_all
-        return hold_all(ctx, p)
+        t0_ns = time.monotonic_ns()
+        body, criteria = hold_all(ctx, p)
+        samples = [e for e in ctx.log.of_type("vram", since_ns=t0_ns) if e.get("origin") == "scenario"]
+        t0_ns = samples[0]["mono_ns"] if samples else t0_ns  # the model loads first: time from its first session
+        body["figure"] = _plot(ctx.folder / "exp3.png", samples, [], t0_ns, body["capacity_math"]["budget_bytes"],
+                               f"exp3 baseline (hold-all, not djinn): {body['model']['name']}")
+        return body, criteria
     c = ctx.client
     st = ctx.daemon_status(p["model"])
     model = st["model"]
@@ -46,6 +57,7 @@ def run(ctx, p: dict):
     ctx.set_budget(math["budget_bytes"])
     if not p["swap"]:
         ctx.set_swap(False)
+    t0_ns = time.monotonic_ns()
     ctx.begin()
     n, vocab = p["sessions"], vocab_of(model)
     total = 2 * n
@@ -104,7 +116,11 @@ def run(ctx, p: dict):
             rec["expected"] = expected
         ctx.progress(n + k, total, f"session {i} completed, {'tokens match' if rec['match'] else 'MISMATCH'}")
 
-    m = ctx.measure()
+    m = ctx.measure()  # after it the recorder holds every sample and swap of the run
+    samples = [e for e in ctx.log.of_type("vram", since_ns=t0_ns) if e.get("origin") != "scenario"]
+    swaps = ctx.log.of_type("swap_out", "swap_in", since_ns=t0_ns)
+    png = _plot(ctx.folder / "exp3.png", samples, swaps, t0_ns, math["budget_bytes"],
+                f"exp3: {n} paused sessions of {model['name']} under a {format_size(math['budget_bytes'])} budget")
     vs, budget = m["vram_stats"], math["budget_bytes"]
     tops = [x for x in (vs["max_bytes"], max((e["used_bytes"] for e in progression), default=None)) if x is not None]
     peak = max(tops) if tops else None
@@ -131,5 +147,42 @@ def run(ctx, p: dict):
             "vram_progression": progression, "first_swap_at_session": first_swap_at,
             "bytes_per_session_charged": charged, "integrity": {"checked_sessions": checked, "mismatches": mismatches},
             "errors": reasons, "sessions": records,
-            "headline": {"first_swap_at": first_swap_at}, **m, "vram_stats": vs}
+            "headline": {"first_swap_at": first_swap_at}, "figure": png, **m, "vram_stats": vs}
     return body, criteria
+
+
+def _plot(path, samples: list[dict], swaps: list[dict], t0_ns: int, budget: int, title: str) -> str | None:
+    """Device memory over the run (the daemon's samples) against the budget, and when each session
+    was swapped out and back in: the plateau is the swaps holding memory under the budget."""
+    if not samples:
+        return None
+    mib = 1 << 20
+
+    def sec(e):
+        return (e["mono_ns"] - t0_ns) / 1e9
+
+    with figure(path, 2 if swaps else 1, 1, title=title, size=(8, 6 if swaps else 4)) as axes:
+        mem = axes[0]
+        xs = [sec(e) for e in samples]
+        mem.plot(xs, [e["used_bytes"] / mib for e in samples], "-", label="device memory used")
+        if any(e.get("host_bytes") for e in samples):
+            mem.plot(xs, [(e.get("host_bytes") or 0) / mib for e in samples], "--", label="swapped out to host")
+        mem.axhline(budget / mib, color="red", linestyle=":", label=f"budget ({format_size(budget)})")
+        mem.set_ylim(0, max(budget, max(e["used_bytes"] for e in samples)) / mib * 1.2)  # room for the legend
+        mem.set_ylabel("MiB")
+        mem.set_title("device memory")
+        if swaps:
+            ev = axes[1]
+            for kind, marker, color, label in (("swap_out", "v", "tab:red", "swap-out"),
+                                               ("swap_in", "^", "tab:green", "swap-in")):
+                es = [e for e in swaps if e["type"] == kind]
+                ev.plot([sec(e) for e in es], [e["session"] for e in es], marker, color=color, linestyle="",
+                        label=f"{label} ({len(es)})")
+            ev.set_ylabel("session id (daemon)")
+            ev.set_title("swaps: sessions moved out of device memory and back in")
+            ev.sharex(mem)
+        for ax in axes:
+            ax.set_xlabel("seconds since the first session")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="best", fontsize="small")
+    return str(path)

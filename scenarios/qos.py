@@ -18,6 +18,7 @@ import time
 from djinnd import Client, DjinnError, estimate, format_size, parse_shares, percentile
 
 from .common import Skip, prompt_ids, vocab_of
+from .figures import figure
 
 CLASSES = ("realtime", "interactive", "batch")
 CLIENT_TIMEOUT = 300.0
@@ -205,7 +206,34 @@ def run(ctx, p: dict):
     finally:
         c.set_scheduler(**restore_settings(before))
     m = ctx.measure()
-    return summarize(ctx, p, math, modes, runs, clients, m)
+    png = _plot(ctx.folder / "qos.png", runs, f"qos: {counts} clients of {model['name']}, "
+                f"{p['tokens']} tokens a request")
+    body, crit = summarize(ctx, p, math, modes, runs, clients, m)
+    if png:
+        body["figure"] = png
+    return body, crit
+
+
+def _plot(path, runs: dict, title: str) -> str | None:
+    """Each class's request latency, QoS on beside off: what the scheduler buys realtime and costs batch."""
+    classes = [cls for cls in CLASSES if any(cls in r["classes"] for r in runs.values())]
+    if not classes:
+        return None
+    width = 0.8 / len(runs)
+    with figure(path, 1, 2, title=title, size=(10, 4.2)) as axes:
+        for ax, q in zip(axes, ("p50", "p99")):
+            for k, (mode, r) in enumerate(runs.items()):
+                xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(classes))]
+                ys = [(r["classes"][cls]["latency_ms"][q] or 0) if cls in r["classes"] else 0 for cls in classes]
+                bars = ax.bar(xs, ys, width, label=f"QoS {mode} ({r['scheduler']['policy']})")
+                ax.bar_label(bars, fmt="%.0f", fontsize="small")
+            ax.set_xticks(range(len(classes)), classes)
+            ax.set_ylabel("ms")
+            ax.set_title(f"{q} request latency")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
+            ax.legend(loc="upper center", ncols=2, fontsize="small")
+    return str(path)
 
 
 def summarize(ctx, p, math, modes, runs, clients, m):

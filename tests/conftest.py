@@ -70,6 +70,13 @@ def daemon(make_daemon) -> Daemon:
     return make_daemon("--device", "cpu")
 
 
+def assert_png(r: dict, png) -> None:
+    """The run drew its figure: a real PNG, named in results.json."""
+    assert r["figure"] == str(png)
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
 CONTRACT_KEYS = {"scenario", "status", "reasons", "started_at", "finished_at", "device", "model", "params",
                  "capacity_math", "num_sessions_requested", "num_sessions_spawned", "num_sessions_completed",
                  "vram_stats", "vram_progression", "swapping_active", "swap", "integrity"}

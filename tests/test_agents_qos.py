@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import CONTRACT_KEYS, Daemon, results, scenario
+from conftest import CONTRACT_KEYS, Daemon, assert_png, results, scenario
 
 
 def criteria(r: dict) -> dict:
@@ -103,6 +103,7 @@ def test_agents_semantic_prefetches_where_reactive_swaps_on_demand(tmp_path):
     events = [json.loads(line) for line in (out_dir / "events.jsonl").read_text().splitlines()]
     assert {"prefetch", "swap_out", "swap_in", "scenario", "vram"} <= {e["type"] for e in events}
     assert (out_dir / "vram.csv").read_text().startswith("timestamp,used,budget,capacity")
+    assert_png(r, out_dir / "agents.png")
 
 
 @pytest.mark.slow
@@ -125,6 +126,7 @@ def test_qos_realtime_first_with_qos_and_not_with_fcfs(tmp_path):
     assert on["classes"]["batch"]["latency_ms"]["p99"] > off["classes"]["batch"]["latency_ms"]["p99"]
     assert r["integrity"]["checked_sessions"] == 14 and r["integrity"]["mismatches"] == 0
     assert r["num_sessions_completed"] == r["num_sessions_requested"] == 28
+    assert_png(r, out_dir / "qos.png")
 
 
 @pytest.mark.slow

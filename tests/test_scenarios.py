@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONTRACT_KEYS, Daemon, results, scenario
+from conftest import CONTRACT_KEYS, Daemon, assert_png, results, scenario
+
 
 @pytest.fixture(scope="module")
 def shared():
@@ -72,6 +73,7 @@ def test_exp3_headless_on_a_private_daemon(tmp_path):
     assert actions[0] == "started" and actions[-1] == "finished"
     rows = list(csv.reader((out_dir / "vram.csv").open()))
     assert rows[0] == ["timestamp", "used", "budget", "capacity"] and len(rows) > 5
+    assert_png(r, out_dir / "exp3.png")
     log = (out_dir / "daemon" / "djinnd.log").read_text()
     sock = Path(log.split("serving on ")[1].split()[0])
     assert "stopped" in log and not sock.parent.exists()  # the private daemon was stopped and its folder removed
