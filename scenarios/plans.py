@@ -206,12 +206,15 @@ def status(plan: Plan) -> list[dict]:
 
 
 def figures(done: list[Run]) -> dict:
-    """Each compared figure (the headline's numbers, and wall seconds) over the runs: n, mean, and
-    the half-width of its 95% confidence interval (Student's t; None for one run)."""
+    """Each compared figure (the headline's numbers; sessions completed, peak device bytes, swap-outs
+    and wall seconds, which every results.json has) over the runs: n, mean, and the half-width of its
+    95% confidence interval (Student's t; None for one run)."""
     values: dict[str, list[float]] = {}
     for r in done:
         res = r.results or {}
-        for k, v in {**(res.get("headline") or {}), "wall_s": res.get("wall_s")}.items():
+        common = {"completed": res.get("num_sessions_completed"), "peak_bytes": (res.get("vram_stats") or {}).get("max_bytes"),
+                  "swap_outs": (res.get("swap") or {}).get("swap_outs"), "wall_s": res.get("wall_s")}
+        for k, v in {**(res.get("headline") or {}), **common}.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 values.setdefault(k, []).append(float(v))
     out = {}
@@ -313,13 +316,13 @@ def report(plan: Plan) -> list[Path]:
     for sname in dict.fromkeys(r["scenario"] for r in rows):
         mine = [r for r in rows if r["scenario"] == sname]
         keys = list(dict.fromkeys(k for r in mine for k in r["figures"]))
-        lines += [f"## {sname}", "", "| point | state | runs | verdicts | " + " | ".join(keys) + " |",
+        lines += [f"## {sname}", "", "| " + " | ".join(["point", "state", "runs", "verdicts", *keys]) + " |",
                   "|---" * (4 + len(keys)) + "|"]
         for r in mine:
             verdicts = ", ".join(f"{n} {v}" for v, n in r["verdicts"].items()) or "-"
-            cells = [_cell(r["figures"].get(k)) for k in keys]
-            lines.append(f"| {r['point']} | {r['state']} | {r['finished']}/{r['repeats']} | {verdicts} | "
-                         + " | ".join(cells) + " |")
+            cells = [r["point"], r["state"], f"{r['finished']}/{r['repeats']}", verdicts,
+                     *(_cell(r["figures"].get(k)) for k in keys)]
+            lines.append("| " + " | ".join(cells) + " |")
         failed = [r for r in mine if r["state"] == "failed"]
         lines += [""] + [f"- {r['point']} failed: {r['reason']}" for r in failed] + ([""] if failed else [])
         png = _figure(plan, sname, mine, keys)
