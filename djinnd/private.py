@@ -48,7 +48,7 @@ class PrivateDaemon:
         self.log_file = self.logs / "daemon" / "djinnd.log"
         self.args = args
         self.env = {**os.environ, **(env or {})}
-        self.proc = None  # a subprocess.Popen or forkserver.Forked
+        self.proc = None  # a forkserver.Forked, used as a subprocess.Popen is
 
     def start(self, timeout: float = 300.0) -> "PrivateDaemon":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
