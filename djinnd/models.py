@@ -65,6 +65,15 @@ class LoadedModel:
         return self.parts.embed.num_embeddings
 
     @property
+    def context_length(self) -> int | None:
+        """The most tokens a session may hold: the positions the model was built for (None: not stated)."""
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            n = getattr(self.model.config, name, None)
+            if isinstance(n, int) and n > 0:
+                return n
+        return None
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Keys and values of every layer, as the probe forward at load found them."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.parts.kv_dtype.itemsize
@@ -139,6 +148,7 @@ class LoadedModel:
             "weights_bytes": self.weights_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
             "dtype": str(self.dtype).removeprefix("torch."),
             "hidden_size": self.hidden_size,
             "load_seconds": round(self.load_seconds, 2),

@@ -68,6 +68,7 @@ class Runtime:
                 raise DjinnError("bad_params", "give a non-empty 'prompt' or 'token_ids'")
             token_ids = self.lm.encode(prompt)
         self._check_ids(token_ids)
+        self._check_context(len(token_ids), "a session of")
         first = capacity_for(0, len(token_ids)) * self.lm.kv_bytes_per_token + self._act_bytes(len(token_ids))
         if self.mem.fixed + first > self.mem.budget:
             raise DjinnError("out_of_budget", f"a session of {len(token_ids)} tokens needs {first} B of KV; "
@@ -139,6 +140,7 @@ class Runtime:
         try:
             with s.cond:
                 self._check_idle(s)
+                self._check_context(s.cache.seq_len + len(s.pending) + len(token_ids), f"session {s.id} would hold")
                 s.pending = s.pending + list(token_ids)
                 s.generated += token_ids
         finally:
@@ -190,10 +192,19 @@ class Runtime:
             for s in rows:
                 s.op_lock.release()
 
-    @staticmethod
-    def _steppable(s: Session) -> bool:
-        """Idle, with one token to decode."""
-        return s.state == State.IDLE and not s.closing and len(s.pending) == 1
+    def _steppable(self, s: Session) -> bool:
+        """Idle, with one token to decode, and room for it in the model's context."""
+        return s.state == State.IDLE and not s.closing and len(s.pending) == 1 and self._fits_context(s)
+
+    def _fits_context(self, s: Session) -> bool:
+        """The next forward's tokens fit in the model's context (its positions past it do not exist)."""
+        n = self.lm.context_length
+        return n is None or s.cache.seq_len + len(s.pending) <= n
+
+    def _check_context(self, tokens: int, what: str) -> None:
+        n = self.lm.context_length
+        if n is not None and tokens > n:
+            raise DjinnError("bad_params", f"{what} {tokens} tokens: past the model's context of {n}")
 
     def _pin_now(self, s: Session, act: int) -> bool:
         """Pin `s` on the device for a decode step, charged `act` bytes of activations and its slab
@@ -240,6 +251,9 @@ class Runtime:
         try:
             with s.cond:
                 self._check_idle(s)
+                if not self._fits_context(s):
+                    raise DjinnError("bad_state", f"session {s.id} holds {s.cache.seq_len} tokens: the model's "
+                                     f"context of {self.lm.context_length} is full")
                 s.state, s.breakpoints, s.error, s.token = State.RUNNING, breakpoints, None, None
                 if breakpoints:  # it may pause: a thread of its own, which waits there for resume
                     s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)

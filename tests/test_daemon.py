@@ -403,3 +403,25 @@ def test_append_continues_a_session_as_if_its_history_had_been_its_prompt(daemon
             c.append(999, [11])
         assert e.value.code == "unknown_session"
         assert c.session(sid)["tokens"][:8] == [*first, 9, 10, *second]
+
+
+def test_a_session_stops_at_the_models_context_with_a_clear_error(daemon):
+    """Positions past the model's context do not exist: a prompt or input past it is refused, and a
+    session that filled it says so, with one line, its tokens unchanged."""
+    with daemon.client() as c:
+        n = c.status()["model"]["context_length"]
+        assert n == 4096  # tiny-llama's max_position_embeddings
+        with pytest.raises(DjinnError) as e:
+            c.create_session(token_ids=[5] * (n + 1))
+        assert e.value.code == "bad_params" and f"past the model's context of {n}" in str(e.value)
+        sid = c.create_session(token_ids=[5] * (n - 3))
+        assert len(c.generate(sid, 3)) == 3  # n - 1 positions hold keys; the last token waits for position n - 1
+        with pytest.raises(DjinnError) as e:
+            c.append(sid, [6])
+        assert e.value.code == "bad_params" and f"session {sid} would hold {n + 1} tokens" in str(e.value)
+        assert len(c.generate(sid, 1)) == 1  # the last position
+        with pytest.raises(DjinnError) as e:
+            c.generate(sid, 1)
+        assert e.value.code == "bad_state" and f"context of {n} is full" in str(e.value)
+        info = c.session(sid)
+        assert info["state"] == "idle" and len(info["tokens"]) == 4 and info["seq_len"] == n
