@@ -315,9 +315,10 @@ def test_detach_returns_once_serving_and_stop_ends_it(tmp_path):
         subprocess.run([sys.executable, "-m", "djinnd", "stop"], capture_output=True, env=env, cwd=ROOT)
 
 
-def test_a_model_whose_forward_fails_gets_an_error_reply_and_the_daemon_still_stops(make_daemon, tmp_path):
-    """A GPT-2 with 8 learned positions, asked for a 9th: its forward fails inside the model (a failing
-    forward once hung the request, `status`, `djinnd stop` and SIGTERM alike)."""
+def test_a_gpt2_asked_past_its_learned_positions_gets_clear_errors_and_the_daemon_still_stops(make_daemon, tmp_path):
+    """A GPT-2 with 8 learned positions, asked for a 9th: its forward would fail inside the model
+    (an IndexError, which once hung the request, `status`, `djinnd stop` and SIGTERM alike; the
+    runtime's tests fail forwards at every stage). The context is checked before any forward now."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -325,10 +326,14 @@ def test_a_model_whose_forward_fails_gets_an_error_reply_and_the_daemon_still_st
                                bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path)
     d = make_daemon("--device", "cpu", "--model", str(tmp_path))
     with d.client(timeout=30) as c:
-        sid = c.create_session(token_ids=list(range(3, 12)))
+        with pytest.raises(DjinnError) as e:
+            c.create_session(token_ids=list(range(3, 12)))
+        assert e.value.code == "bad_params" and "past the model's context of 8" in str(e.value)
+        sid = c.create_session(token_ids=list(range(3, 10)))
+        assert len(c.generate(sid, 2)) == 2  # positions 0..7
         with pytest.raises(DjinnError) as e:
             c.run_to(sid, layer=0)
-        assert e.value.code == "internal" and "IndexError" in str(e.value)
+        assert e.value.code == "bad_state" and "context of 8 is full" in str(e.value)
         assert c.session(sid)["state"] == "idle"
         assert c.status()["sessions"] == 1
     assert d.stop(timeout=30) == 0

@@ -122,7 +122,8 @@ def test_sizes(cache):
     assert lm.weights_bytes == param_bytes + buffer_bytes
     assert buffer_bytes < 1024  # only the rotary tables: weights are the parameters
     d = lm.describe()
-    assert set(d) == {"name", "path", "family", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size", "dtype",
+    assert set(d) == {"name", "path", "family", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size",
+                      "context_length", "dtype",
                       "hidden_size", "load_seconds", "lens", "batching", "activation_bytes_per_token", "kv_granule_tokens",
                       "slab_growth"}
     assert d["family"] == "llama" and d["lens"] is True and d["batching"] is True
