@@ -144,28 +144,28 @@ class Run:
 
 def runs(plan: Plan, point: Point) -> list[Run]:
     """The point's runs that ended (interrupted ones have no outcome.json), oldest first."""
-    out = []
-    for folder in sorted((plan.folder / point.id).glob("*/")):
-        try:
-            outcome = json.loads((folder / "outcome.json").read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            results = json.loads((folder / "results.json").read_text())
-        except (OSError, ValueError):
-            results = None
-        status = results.get("status") if results else None
-        if outcome.get("timed_out") or status not in FINISHED or outcome["exit_code"] not in (0, 1, 2):
-            why = [] if outcome.get("timed_out") else (results or {}).get("reasons") or []
-            out.append(Run(folder, "error", (why or [outcome["reason"] or f"exit code {outcome['exit_code']}"])[0], results))
-        else:
-            out.append(Run(folder, status, "; ".join(results.get("reasons") or []), results))
-    return out
+    return [r for r in map(_read_run, sorted((plan.folder / point.id).glob("*/"))) if r is not None]
 
 
-def finished(plan: Plan, point: Point) -> list[Run]:
-    """The newest `repeats` finished runs of the point (what its figures are made of)."""
-    return [r for r in runs(plan, point) if r.status in FINISHED][-plan.repeats:]
+def _read_run(folder: Path) -> Run | None:
+    try:
+        outcome = json.loads((folder / "outcome.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    status = results.get("status") if results else None
+    if outcome.get("timed_out") or status not in FINISHED or outcome["exit_code"] not in (0, 1, 2):
+        why = [] if outcome.get("timed_out") else (results or {}).get("reasons") or []
+        return Run(folder, "error", (why or [outcome["reason"] or f"exit code {outcome['exit_code']}"])[0], results)
+    return Run(folder, status, "; ".join(results.get("reasons") or []), results)
+
+
+def finished(plan: Plan, every: list[Run]) -> list[Run]:
+    """The newest `repeats` finished runs among a point's (what its figures are made of)."""
+    return [r for r in every if r.status in FINISHED][-plan.repeats:]
 
 
 def running(plan: Plan) -> dict | None:
@@ -186,7 +186,8 @@ def status(plan: Plan) -> list[dict]:
     now = running(plan) or {}
     rows = []
     for p in plan.points:
-        done, every = finished(plan, p), runs(plan, p)
+        every = runs(plan, p)
+        done = finished(plan, every)
         last = every[-1] if every else None
         if now.get("point") == p.id:
             state = "running"
@@ -247,7 +248,7 @@ def run(plan: Plan, only: str | None, force: bool, socket: str | None, say) -> i
 def _run_points(plan: Plan, points: list[Point], force: bool, socket: str | None, say) -> int:
     code = 0
     for i, p in enumerate(points):
-        have = 0 if force else len(finished(plan, p))
+        have = 0 if force else len(finished(plan, runs(plan, p)))
         todo = plan.repeats - have
         if todo <= 0:
             say(f"[{i + 1}/{len(points)}] {p.id}: done ({have} runs), skipped")
@@ -270,10 +271,10 @@ def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
     folder.mkdir(parents=True)
     argv = [sys.executable, "-m", "scenarios.cli", "run", p.scenario, "--headless", "--output", str(folder)]
     argv += [x for k, v in p.sets.items() for x in ("--set", f"{k}={v}")]
-    if p.private_daemon:  # a socket where no daemon answers: the run starts its own
-        socket = str(Path(tempfile.mkdtemp(prefix="djp", dir="/tmp")) / "none.sock")
-    argv += ["--socket", socket] if socket else []
-    with open(folder / "run.log", "wb") as log:
+    with tempfile.TemporaryDirectory(prefix="djp", dir="/tmp") as nowhere, open(folder / "run.log", "wb") as log:
+        if p.private_daemon:  # a socket where no daemon answers: the run starts its own
+            socket = str(Path(nowhere) / "none.sock")
+        argv += ["--socket", socket] if socket else []
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).parent.parent)
         timed_out = False
@@ -288,7 +289,7 @@ def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
     lines = [ln for ln in (folder / "run.log").read_text(errors="replace").splitlines() if ln.strip()]
     reason = f"ran past its {p.timeout_s:g} s limit and was stopped" if timed_out else (lines[-1] if lines else "")
     (folder / "outcome.json").write_text(json.dumps({"exit_code": code, "reason": reason, "timed_out": timed_out}))
-    run = next(r for r in runs(plan, p) if r.folder == folder)
+    run = _read_run(folder)
     return {"status": run.status, "reason": run.reason}
 
 
