@@ -445,21 +445,22 @@ class Runtime:
         self._take_thread()
         cache = s.cache
 
-        def growth() -> tuple[int, int]:
+        def growth() -> tuple[int, int, int]:
+            """The capacity the forward needs, and the old and new slab's bytes if it must grow (else 0, 0)."""
             cap = cache.capacity_for(cache.seq_len + new_tokens)
-            return (cache.nbytes, cache.bytes_for(cap)) if cap > cache.capacity else (0, 0)
+            return (cap, cache.nbytes, cache.bytes_for(cap)) if cap > cache.capacity else (cap, 0, 0)
 
         def need() -> int:  # the most its charge grows by: its swap-in, the new slab beside the old, then act
-            old, new = growth()
+            _, old, new = growth()
             return (s.stored.charge if s.stored is not None else 0) + max(new, new - old + act)
 
         def take():
             self.mem.swap_in(s, reason="demand", timeout=0)
-            old, new = growth()
+            cap, old, new = growth()
             if new:
                 self.mem.reserve(s, new, timeout=0)
                 try:
-                    cache.grow(cache.capacity_for(cache.seq_len + new_tokens))
+                    cache.grow(cap)
                 except BaseException:
                     self.mem.release(s, new)
                     raise
