@@ -153,8 +153,10 @@ def _serve(config, rt, bus) -> int:
             loop.add_signal_handler(sig, server.stop)
         bus.emit("daemon", action="started", pid=os.getpid(), socket=str(sock), model=rt.lm.name, device=str(rt.lm.device))
         sdnotify.notify("READY=1\nSTATUS=serving")
+        pings = loop.create_task(_watchdog(sdnotify.watchdog_interval()))
         log.info("serving on %s (events on %s)", sock, events_sock)
         await server.serve()
+        pings.cancel()
         sdnotify.notify("STOPPING=1")
         log.info("stopping: closing %d sessions", len(rt.sessions))
         await server.drain(5)
@@ -173,6 +175,14 @@ def _serve(config, rt, bus) -> int:
         server.close()
     log.info("stopped")
     return 0
+
+
+async def _watchdog(interval: float | None) -> None:
+    """Ping systemd's watchdog (WatchdogSec=) from the serving loop itself: a loop that stops turning
+    stops the pings, and systemd restarts the daemon."""
+    while interval is not None:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def _cleanup(sock: Path, lock_fd) -> None:

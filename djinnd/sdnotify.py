@@ -1,4 +1,4 @@
-"""sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET."""
+"""sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET, and the watchdog's pings."""
 
 import os
 import socket
@@ -18,3 +18,16 @@ def notify(state: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between "WATCHDOG=1" pings (half of $WATCHDOG_USEC), or None when no watchdog is asked of
+    this process (no $NOTIFY_SOCKET or $WATCHDOG_USEC, or $WATCHDOG_PID names another, as sd_watchdog_enabled(3))."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if not os.environ.get("NOTIFY_SOCKET") or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
