@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 
+from . import quickexit
 from .client import Client, DjinnError
 from .sizes import format_size
 
@@ -218,7 +219,7 @@ _add_commands()
 
 
 def main():
-    app(prog_name="djinn")
+    quickexit.run(lambda: app(prog_name="djinn"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import paths
+from . import paths, quickexit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="djinnd: one model, many sessions, one GPU.")
 
@@ -106,4 +106,4 @@ def prepare_env() -> None:
 
 def main():
     prepare_env()
-    app(prog_name="djinnd")
+    quickexit.run(lambda: app(prog_name="djinnd"))
