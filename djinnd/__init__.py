@@ -11,6 +11,7 @@ from .charges import estimate  # noqa: E402
 from .client import AsyncClient, AsyncSubscription, Client, Subscription  # noqa: E402
 from .daemon import default_budget, default_capacity  # noqa: E402
 from .export import export as export_events, parse_ts, read_events, tail_lines, write_events  # noqa: E402
+from .forkserver import ForkServer  # noqa: E402
 from .paths import default_logs_dir, resolve_socket  # noqa: E402
 from .private import PrivateDaemon, PrivateDaemonError  # noqa: E402
 from .protocol import DjinnError  # noqa: E402
@@ -21,6 +22,7 @@ from .telemetry import compact_stamp, utc_stamp  # noqa: E402
 
 __all__ = [
     "AsyncClient", "AsyncSubscription", "Client", "DjinnError", "Subscription", "PrivateDaemon", "PrivateDaemonError",
+    "ForkServer",
     "export_events", "parse_ts", "read_events", "tail_lines", "write_events",
     "default_logs_dir", "resolve_socket", "format_size", "parse_size", "parse_shares", "compact_stamp", "utc_stamp",
     "load_model", "parse_dtype", "default_budget", "default_capacity", "estimate", "percentile",

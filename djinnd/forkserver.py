@@ -1,15 +1,17 @@
-"""Private daemons forked from one process that has imported torch and transformers already.
+"""Daemons and CLI runs forked from one process that has imported torch and transformers already.
 
 Importing them is most of a daemon's start: several seconds of CPU each (8 s on a busy 2-core
 machine), paid again by every daemon of a run that starts many (the test suite, the generality
-scenario). The server pays it once, then forks a child per daemon, which runs djinnd's ordinary
-`main` with its own arguments, environment, working folder and log file, as `python -m djinnd`
-would. The server starts no thread of its own, touches no device and makes no tensor before it
-forks, the conditions under which torch's DataLoader forks its workers.
+scenario, a plan's scenario runs). The server pays it once, then forks a child per request, which
+runs djinnd's or djinn's ordinary `main` with its own arguments, environment, working folder and log
+file, as `python -m djinnd` would. The server starts no thread of its own, touches no device and
+makes no tensor before it forks, the conditions under which torch's DataLoader forks its workers.
+A `djinn` child (a scenario run, which may start private daemons of its own) gets a server of its
+own, forked from itself before it runs anything.
 
-Wire (JSON lines over the server's stdin and stdout): a request {"argv", "env", "cwd", "log"} is
-answered {"pid"}; each child's end is reported {"exit": pid, "code"}. The server ends when its
-stdin closes (its parent is gone); children it leaves run on, as Popen's would.
+Wire (JSON lines over the server's stdin and stdout): a request {"program", "argv", "env", "cwd",
+"log", "err"} is answered {"pid"}; each child's end is reported {"exit": pid, "code"}. The server ends when
+its stdin closes (its parent is gone); children it leaves run on, as Popen's would.
 """
 
 import json
@@ -26,15 +28,24 @@ PRELOAD = ("torch", "transformers", "djinnd.daemon", "djinnd.models", "djinnd.ro
 
 
 def main() -> None:
-    from .cli_daemon import main as djinnd_main, prepare_env
+    from .cli_daemon import prepare_env
 
     prepare_env()  # before torch reads it, as djinnd's main does
     sys.stdout = sys.stderr  # stdout is the wire: what the imports print goes to stderr
     for name in PRELOAD:
         __import__(name)
-    request = _serve()  # returns in a forked child only
+    _run(_serve())  # _serve returns in a forked child only
+
+
+def _run(request: dict) -> None:
+    """The child: become what the request asks for and run its main."""
     _become(request)
-    djinnd_main()
+    if request["program"] == "djinn":
+        from .cli import main
+        ForkServer._shared = ForkServer(fork=True)  # while this process has no thread yet
+    else:
+        from .cli_daemon import main
+    main()
 
 
 def _serve() -> dict:
@@ -81,16 +92,20 @@ def _send(msg: dict) -> None:
 
 
 def _become(request: dict) -> None:
-    """The child: stdin from /dev/null, stdout and stderr to its log, its folder, environment and argv."""
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """The child: stdin from /dev/null, stdout and stderr to its log (stderr to its own file when the
+    request names one), its folder, environment and argv."""
     null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0), os.dup2(log, 1), os.dup2(log, 2)  # and so the server's pipes close here
-    os.close(null), os.close(log)
+    os.dup2(null, 0)  # and so the server's pipes close here
+    os.close(null)
+    for fd, path in ((1, request["log"]), (2, request.get("err") or request["log"])):
+        f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     sys.stdout = sys.__stdout__
-    sys.argv = ["djinnd", *request["argv"]]
+    sys.argv = [request["program"], *request["argv"]]
 
 
 class ForkServer:
@@ -106,9 +121,14 @@ class ForkServer:
                 cls._shared = cls()
             return cls._shared
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", "from djinnd.forkserver import main; main()"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=None)
+    def __init__(self, fork: bool = False):
+        """A server process of its own (imports included), or with `fork` this process forked, when it has
+        imported them and runs no thread."""
+        if fork:
+            self.proc = _ForkedServer()
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-c", "from djinnd.forkserver import main; main()"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
         self.cond = threading.Condition()
         self.pending: deque[list] = deque()  # a slot per spawn awaiting its pid, in order
         self.codes: dict[int, int] = {}
@@ -128,9 +148,12 @@ class ForkServer:
             self.gone = True
             self.cond.notify_all()
 
-    def spawn(self, argv: list[str], env: dict, log: str) -> "Forked":
+    def spawn(self, argv: list[str], env: dict, log: str, program: str = "djinnd", cwd: str | None = None,
+              err: str | None = None) -> "Forked":
+        """`program` ("djinnd" or "djinn") with `argv`, its output to the file `log` (stderr to `err` if given)."""
         slot: list = []
-        request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "log": log}).encode() + b"\n"
+        request = {"program": program, "argv": argv, "env": env, "cwd": cwd or os.getcwd(), "log": log, "err": err}
+        request = json.dumps(request).encode() + b"\n"
         with self.cond:
             if self.gone:
                 raise RuntimeError(f"the fork server exited ({self.proc.poll()})")
@@ -150,8 +173,40 @@ class ForkServer:
             return self.codes.get(pid)
 
 
+class _ForkedServer:
+    """This process forked into a server, seen as Popen sees one: stdin, stdout, poll."""
+
+    def __init__(self):
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the server; it never returns into its parent's code
+            code = 0
+            try:
+                os.dup2(req_r, 0), os.dup2(resp_w, 1)
+                for fd in (req_r, req_w, resp_r, resp_w):
+                    os.close(fd)
+                sys.stdout = sys.stderr
+                _run(_serve())  # in a forked child only: the server itself leaves by SystemExit
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - said on stderr, as an uncaught exception is
+                import traceback
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        os.close(req_r), os.close(resp_w)
+        self.stdin, self.stdout = os.fdopen(req_w, "wb"), os.fdopen(resp_r, "rb")
+
+    def poll(self) -> int | None:
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
+
+
 class Forked:
-    """A forked daemon, used as a subprocess.Popen is: pid, poll, wait, send_signal, kill, returncode."""
+    """A forked child, used as a subprocess.Popen is: pid, poll, wait, send_signal, kill, returncode."""
 
     def __init__(self, server: ForkServer, pid: int):
         self.server, self.pid = server, pid
@@ -172,6 +227,9 @@ class Forked:
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:  # not yet reaped, so the pid is still this child's
             os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

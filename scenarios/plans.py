@@ -28,14 +28,13 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from djinnd import default_logs_dir
+from djinnd import ForkServer, default_logs_dir
 
 from . import catalog
 from .figures import figure
@@ -269,14 +268,15 @@ def _run_points(plan: Plan, points: list[Point], force: bool, socket: str | None
 def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
     folder = plan.folder / p.id / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     folder.mkdir(parents=True)
-    argv = [sys.executable, "-m", "scenarios.cli", "run", p.scenario, "--headless", "--output", str(folder)]
+    argv = ["scenario", "run", p.scenario, "--headless", "--output", str(folder)]
     argv += [x for k, v in p.sets.items() for x in ("--set", f"{k}={v}")]
-    with tempfile.TemporaryDirectory(prefix="djp", dir="/tmp") as nowhere, open(folder / "run.log", "wb") as log:
+    with tempfile.TemporaryDirectory(prefix="djp", dir="/tmp") as nowhere:
         if p.private_daemon:  # a socket where no daemon answers: the run starts its own
             socket = str(Path(nowhere) / "none.sock")
         argv += ["--socket", socket] if socket else []
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).parent.parent)
+        # `djinn scenario run ...` forked from a process that has imported torch once for every run
+        proc = ForkServer.shared().spawn(argv, dict(os.environ), str(folder / "run.log"), "djinn",
+                                         str(Path(__file__).parent.parent))
         timed_out = False
         try:
             code = proc.wait(p.timeout_s)
@@ -293,7 +293,7 @@ def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
     return {"status": run.status, "reason": run.reason}
 
 
-def _stop(proc: subprocess.Popen) -> int:
+def _stop(proc) -> int:
     proc.terminate()
     try:
         return proc.wait(60)

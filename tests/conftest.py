@@ -3,13 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from djinnd import PrivateDaemon
+from djinnd import ForkServer, PrivateDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,9 +35,7 @@ class Daemon(PrivateDaemon):
     def run(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run a CLI (djinn / djinnd) against this daemon."""
         tool, *rest = argv
-        module = {"djinn": "djinnd.cli", "djinnd": "djinnd"}[tool]
-        return subprocess.run([sys.executable, "-m", module, *rest], capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, "DJINN_SOCKET": str(self.socket)}, cwd=ROOT)
+        return djinn(*rest, program=tool, env={**self.env, "DJINN_SOCKET": str(self.socket)}, timeout=timeout)
 
 
 @pytest.fixture
@@ -82,11 +79,25 @@ CONTRACT_KEYS = {"scenario", "status", "reasons", "started_at", "finished_at", "
                  "vram_stats", "vram_progression", "swapping_active", "swap", "integrity"}
 
 
+def djinn(*args, program="djinn", env=None, cwd=ROOT, timeout=300) -> subprocess.CompletedProcess:
+    """`djinn ARGS` (or `djinnd ARGS`) in a process of its own, as subprocess.run would run it, forked from
+    the fork server (which has imported torch and transformers once for the whole test worker)."""
+    with tempfile.TemporaryDirectory(prefix="djo") as out:
+        stdout, stderr = f"{out}/stdout", f"{out}/stderr"
+        proc = ForkServer.shared().spawn(list(args), {**os.environ, **(env or {})}, stdout, program, str(cwd), stderr)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(["djinn", *args], code, Path(stdout).read_text(), Path(stderr).read_text())
+
+
 def scenario(*args, socket=None, timeout=300) -> subprocess.CompletedProcess:
-    """`djinn scenario ...` in a subprocess; with no socket given, one where no daemon answers (a private one runs)."""
+    """`djinn scenario ...`; with no socket given, one where no daemon answers (a private one runs)."""
     sock = socket or Path(tempfile.mkdtemp(prefix="djn", dir="/tmp")) / "none.sock"
-    return subprocess.run([sys.executable, "-m", "djinnd.cli", "scenario", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "DJINN_SOCKET": str(sock)})
+    return djinn("scenario", *args, env={"DJINN_SOCKET": str(sock)}, timeout=timeout)
 
 
 def results(folder: Path) -> dict:

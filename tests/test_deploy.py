@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Daemon
+from conftest import ROOT, Daemon, djinn
 from djinnd import sdnotify
 
 UNIT = ROOT / "deploy" / "djinnd.service"
@@ -66,8 +66,7 @@ def test_unit_command_line_is_one_djinnd_takes(tmp_path):
     [start] = unit_values("ExecStart")
     exe, command, *args = shlex.split(expand(start))
     assert exe.endswith("/djinnd") and command == "start"
-    r = subprocess.run([sys.executable, "-m", "djinnd", "start", *args, "--print-config"], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, **env}, cwd=tmp_path)
+    r = djinn("start", *args, "--print-config", program="djinnd", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     config = json.loads(r.stdout)
     assert config["socket"] == env["DJINN_SOCKET"]

@@ -1,13 +1,11 @@
 """Any model family: the generality scenario over every tiny family through real daemons, and the
 families refused at load (SmolLM2's real weights: test_smollm2.py)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, results, scenario
+from conftest import djinn, results, scenario
 from djinnd import DjinnError, load_model
 from djinnd.presets import TINY_MODELS
 
@@ -76,8 +74,7 @@ def test_a_corrupt_model_file_stops_djinnd_start_with_one_line_and_leaves_nothin
         weights.write_bytes(weights.read_bytes()[:1000])
         why = "cannot start: "
     sock = tmp_path / "run" / "d.sock"
-    out = subprocess.run([sys.executable, "-m", "djinnd", "start", "--device", "cpu", "--socket", str(sock),
-                          "--model", str(bad)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = djinn("start", "--device", "cpu", "--socket", str(sock), "--model", str(bad), program="djinnd")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and why in lines[0], out.stderr

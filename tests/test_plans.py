@@ -4,13 +4,12 @@ survive a broken point, and report means with intervals and figures."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, Daemon
+from conftest import ROOT, Daemon, djinn
+from djinnd import ForkServer
 
 EXP3 = "prompt_len = 32\ngen_tokens = 2\n"
 
@@ -25,13 +24,13 @@ def djinnd(djinn_cache):
 @pytest.fixture
 def plan(djinnd, tmp_path):
     """djinn plan ARGS... against the module's daemon, results under tmp_path/logs."""
-    env = {**os.environ, "DJINN_SOCKET": str(djinnd.socket), "DJINN_LOGS": str(tmp_path / "logs")}
+    env = {"DJINN_SOCKET": str(djinnd.socket), "DJINN_LOGS": str(tmp_path / "logs")}
 
     def djinn_plan(*args, background=False):
-        argv = [sys.executable, "-m", "djinnd.cli", "plan", *args]
-        if background:
-            return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if background:  # a Popen-like handle; what it prints goes to tmp_path/background.log
+            return ForkServer.shared().spawn(["plan", *args], {**os.environ, **env}, str(tmp_path / "background.log"),
+                                             "djinn", str(ROOT))
+        return djinn("plan", *args, env=env)
     djinn_plan.folder = tmp_path / "logs" / "plans"
     return djinn_plan
 
@@ -94,7 +93,7 @@ def test_an_interrupted_plan_resumes_where_it_stopped_and_a_second_runner_is_ref
     runner = plan("run", path, background=True)
     deadline = time.monotonic() + 120
     while not list(plan.folder.glob("long/exp3-sessions=2/*/outcome.json")):
-        assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
+        assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "background.log").read_text()
         time.sleep(0.1)
     second = plan("run", path)
     assert second.returncode == 2 and f"plan long is already running (pid {runner.pid})" in second.stderr, second.stderr

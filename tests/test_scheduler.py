@@ -1,7 +1,5 @@
 """Phase signals and prefetch (through a real daemon), and the DeviceLock's policies (directly)."""
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -10,7 +8,7 @@ import pytest
 from djinnd.client import DjinnError
 from djinnd.scheduler import DeviceLock, parse_shares
 
-from conftest import ROOT, Daemon
+from conftest import Daemon, djinn
 
 PROMPT = "The capital of France is"
 
@@ -198,8 +196,7 @@ def test_paused_session_is_prefetched_and_resumes_with_the_same_token(djinn_cach
 def test_scheduler_flags_are_checked():
     for flag, value in (("--qos-shares", "realtime=1,batch=1"), ("--qos-shares", "realtime=x,interactive=1,batch=1"),
                         ("--max-concurrency", "0"), ("--max-batch", "0"), ("--prefill-chunk", "0")):
-        r = subprocess.run([sys.executable, "-m", "djinnd", "start", "--socket", "/tmp/djinn-none/x.sock", flag, value],
-                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        r = djinn("start", "--socket", "/tmp/djinn-none/x.sock", flag, value, program="djinnd")
         assert r.returncode == 2, r.stderr
         assert flag in r.stderr
 

@@ -3,8 +3,6 @@
 import datetime as dt
 import glob
 import json
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +10,7 @@ import pytest
 
 from djinnd.export import read_events
 
-from conftest import ROOT
+from conftest import djinn
 
 PROMPT = "The capital of France is"
 
@@ -116,8 +114,7 @@ def test_logs_export_chrome_trace_of_the_daemon_log(make_daemon, tmp_path):
         drive(c, n=4)
     d.stop()
     out = tmp_path / "trace.json"
-    r = subprocess.run([sys.executable, "-m", "djinnd.cli", "logs", "export", "--logs", str(d.logs), "--format",
-                        "chrome-trace", "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = djinn("logs", "export", "--logs", str(d.logs), "--format", "chrome-trace", "-o", str(out))
     assert r.returncode == 0, r.stderr
     trace = json.loads(out.read_text())
     phases = {e["ph"] for e in trace["traceEvents"]}
@@ -125,11 +122,9 @@ def test_logs_export_chrome_trace_of_the_daemon_log(make_daemon, tmp_path):
     swaps = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert swaps and all(e["dur"] >= 0 and e["name"] in ("swap_out", "swap_in") for e in swaps)
     csv_out = tmp_path / "vram.csv"
-    r = subprocess.run([sys.executable, "-m", "djinnd.cli", "logs", "export", "--logs", str(d.logs), "--format", "csv",
-                        "-o", str(csv_out)], capture_output=True, text=True, cwd=ROOT)
+    r = djinn("logs", "export", "--logs", str(d.logs), "--format", "csv", "-o", str(csv_out))
     assert r.returncode == 0 and csv_out.read_text().startswith("ts,mono_ns,used_bytes")
-    bad = subprocess.run([sys.executable, "-m", "djinnd.cli", "logs", "export", "--logs", str(d.logs), "--format", "xml"],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = djinn("logs", "export", "--logs", str(d.logs), "--format", "xml")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -265,8 +260,7 @@ def test_the_prometheus_endpoint_serves_the_daemons_figures_on_loopback(make_dae
     with socket.socket() as taken:  # the port is taken: a second daemon refuses to start, with the reason
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        r = subprocess.run([sys.executable, "-m", "djinnd", "start", "--device", "cpu", "--socket",
-                            str(d.folder / "b.sock"), "--logs", str(d.logs), "--metrics-port",
-                            str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        r = djinn("start", "--device", "cpu", "--socket", str(d.folder / "b.sock"), "--logs", str(d.logs),
+                  "--metrics-port", str(taken.getsockname()[1]), program="djinnd")
     assert r.returncode == 2 and "cannot serve metrics" in r.stderr + r.stdout
     assert not (d.folder / "b.sock").exists()
