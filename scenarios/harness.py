@@ -66,7 +66,7 @@ class Context:
         """Close the run's sessions and put the daemon's settings back."""
         if self.client is None:
             return
-        for sid in sorted(self.sessions):
+        for sid in sorted(self.sessions.copy()):  # (agent threads may still add and remove theirs)
             self.close_session(sid)
         if "swap" in self._restore:
             self._quiet(self.client.set_swap, self._restore.pop("swap"))

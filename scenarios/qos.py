@@ -191,9 +191,14 @@ def run(ctx, p: dict):
     ctx.begin()
     total, finished = len(clients) * len(modes), [0]
 
-    def progress(mode, rec):  # under run_mode's lock: one client thread at a time on ctx's client
-        finished[0] += 1
-        ctx.progress(finished[0], total, f"qos {mode}: client {rec['client']} ({rec['qos']}) done")
+    plock, stopped = threading.Lock(), []
+
+    def progress(mode, rec):  # from the client threads, one at a time on ctx's client (zmq sockets: one thread each)
+        with plock:
+            if stopped:  # interrupted: ctx's client is the cleanup's now
+                return
+            finished[0] += 1
+            ctx.progress(finished[0], total, f"qos {mode}: client {rec['client']} ({rec['qos']}) done")
 
     runs = {}
     try:
@@ -203,6 +208,10 @@ def run(ctx, p: dict):
                 f"{cls} p50 {f['latency_ms']['p50']} ms p99 {f['latency_ms']['p99']} ms, "
                 f"{f['device_share']} of the device" for cls, f in runs[mode]["classes"].items())
                 + f"; {runs[mode]['wall_s']} s")
+    except BaseException:  # Ctrl-C or SIGTERM: client threads still running must leave ctx's client alone
+        with plock:
+            stopped.append(True)
+        raise
     finally:
         c.set_scheduler(**restore_settings(before))
     m = ctx.measure()

@@ -155,3 +155,30 @@ def test_runs_put_the_daemons_settings_back(shared):
         assert after["scheduler"][key] == before["scheduler"][key]
     assert after["memory"]["budget_bytes"] == before["memory"]["budget_bytes"]
     assert after["memory"]["swap_enabled"] is True and after["sessions"] == 0
+
+
+@pytest.mark.parametrize("name", ["agents", "qos"])
+def test_sigterm_mid_run_stops_at_once_and_puts_the_daemon_back(shared, tmp_path, name):
+    """Its client threads still run when the interrupt lands; the cleanup must not share ctx's client
+    with them (it waited for a reply another thread took, for the client's whole timeout)."""
+    import os
+
+    from djinnd import ForkServer
+    with shared.client() as c:
+        before = c.status()
+        with c.subscribe(("scenario",)) as sub:
+            run = ForkServer.shared().spawn(["scenario", "run", name, "--headless", "--output", str(tmp_path)],
+                                            {**os.environ, "DJINN_SOCKET": str(shared.socket)},
+                                            str(tmp_path / "out.log"), "djinn")
+            while True:  # the first client done: the others are mid-request
+                ev = sub.recv(120)
+                assert ev is not None and run.poll() is None, (tmp_path / "out.log").read_text()
+                if ev["action"] == "progress" and ev["done"] >= 1:
+                    break
+        run.terminate()
+        assert run.wait(60) == 130, (tmp_path / "out.log").read_text()
+        assert results(tmp_path)["reasons"] == ["aborted"]
+        after = c.status()
+    assert after["sessions"] == 0 and after["memory"]["budget_bytes"] == before["memory"]["budget_bytes"]
+    for key in ("policy", "shares", "max_concurrency", "lifo", "escalation_ms"):
+        assert after["scheduler"][key] == before["scheduler"][key]
