@@ -28,6 +28,7 @@ from .figures import figure
 POLICIES = ("semantic", "reactive", "hold")
 ON_THE_WAKE_UP_PATH = ("demand", "compute")  # swap-in reasons a request waits for (prefetch ones it does not)
 CLIENT_TIMEOUT = 300.0
+REFERENCE_RATE = 0.2  # agents a second in the reference experiment (EXPERIMENTS.md)
 
 
 def needs_daemon(p: dict) -> bool:
@@ -257,7 +258,8 @@ def run(ctx, p: dict):
     policies = list(POLICIES) if p["policy"] == "all" else [p["policy"]]
     ctx.say(f"agents: {p['agents']} agents of {model['name']} arriving at {p['arrival_rate']}/s, {p['turns']} turns of "
             f"{p['decode_tokens']} tokens, tool waits of {p['tool_ms']:g} ms on average; "
-            f"policies {', '.join(policies)}")
+            f"policies {', '.join(policies)}; arrivals {p['arrival_rate'] / REFERENCE_RATE:g}x the reference's "
+            f"{REFERENCE_RATE}/s")
     for line in math_lines(math):
         ctx.say("  " + line)
     one = math["weights_bytes"] + math["kv_bytes_per_session"] + math["activation_bytes_per_prefill"]
@@ -412,6 +414,7 @@ def summarize(ctx, p: dict, math: dict, policies: list[str], runs: dict, m: dict
             "integrity": {"checked_sessions": checked, "mismatches": mismatches},
             "agents": {x: [{k: v for k, v in rec.items() if k != "tokens"} for rec in r["records"]]
                        for x, r in runs.items()},
+            "reference": {"arrival_rate": REFERENCE_RATE, "time_scale": round(p["arrival_rate"] / REFERENCE_RATE, 3)},
             "headline": headline, **m, "vram_stats": vs}
     return body, crit
 

@@ -28,6 +28,14 @@ def needs_daemon(p: dict) -> bool:
     return True
 
 
+REFERENCE = {"shares": "realtime=0.1,interactive=0.7,batch=0.2", "max_concurrency": 12, "escalation_ms": 300.0}
+
+
+def reference(p: dict) -> dict:
+    """The reference experiment's settings (EXPERIMENTS.md, 4.2) and where this run's differ."""
+    return {**REFERENCE, "this_run_differs": {k: p[k] for k, v in REFERENCE.items() if p[k] != v}}
+
+
 def on_settings(p: dict) -> dict:
     """scheduler.set parameters for QoS on (checked here, so a bad value is one clear line)."""
     shares = p["shares"].strip()
@@ -179,6 +187,9 @@ def run(ctx, p: dict):
     counts = ", ".join(f"{p[k]} {k}" for k in CLASSES)
     ctx.say(f"qos: {counts} clients, {p['requests']} requests of {p['tokens']} tokens each; modes {', '.join(modes)}; "
             f"budget {format_size(budget)} for a demand of {format_size(demand)}")
+    differs = reference(p)["this_run_differs"]
+    ctx.say("  reference settings (shares 0.1/0.7/0.2, max concurrency 12, escalation 300 ms)"
+            + (": this run differs in " + ", ".join(f"{k} {v}" for k, v in differs.items()) if differs else ""))
     vocab = vocab_of(model)
     before = st["scheduler"]
     try:
@@ -296,5 +307,5 @@ def summarize(ctx, p, math, modes, runs, clients, m):
             "modes": figures, "clients": clients_out,
             "num_sessions_requested": n, "num_sessions_spawned": n, "num_sessions_completed": done,
             "integrity": {"checked_sessions": checked, "mismatches": mismatches},
-            "headline": headline, **m}
+            "reference": reference(p), "headline": headline, **m}
     return body, crit

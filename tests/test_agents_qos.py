@@ -72,6 +72,7 @@ def test_agents_semantic_prefetches_where_reactive_swaps_on_demand(tmp_path):
     r = results(out_dir)
     assert out.returncode in (0, 1), out.stdout + out.stderr
     assert "starting a private one" in out.stderr and CONTRACT_KEYS <= set(r)
+    assert r["reference"] == {"arrival_rate": 0.2, "time_scale": 40} and "40x the reference's 0.2/s" in out.stdout
     c = criteria(r)
     sem, rea, hold = (r["policies"][k] for k in ("semantic", "reactive", "hold"))
     s99, r99 = sem["wakeup_ms"]["p99"], rea["wakeup_ms"]["p99"]
@@ -114,7 +115,10 @@ def test_qos_realtime_first_with_qos_and_not_with_fcfs(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "qos: PASS" in out.stdout and CONTRACT_KEYS <= set(r)
     on, off = r["modes"]["on"], r["modes"]["off"]
-    assert on["scheduler"]["policy"] == "priority" and off["scheduler"]["policy"] == "fcfs"
+    assert on["scheduler"]["policy"] == "shares" and off["scheduler"]["policy"] == "fcfs"
+    # the reference's settings, but two forwards at once on this CPU, as the results say
+    assert on["scheduler"]["escalation_ms"] == 300 and on["scheduler"]["max_concurrency"] == 2
+    assert r["reference"]["this_run_differs"] == {"max_concurrency": 2} and "this run differs in max_concurrency 2" in out.stdout
     for mode in (on, off):
         assert mode["requests"] == mode["requests_expected"] == 14 * 20
         assert set(mode["classes"]) == {"realtime", "interactive", "batch"}
