@@ -1,10 +1,13 @@
 """`djinn scenario list | show NAME | run NAME`: exit 0 pass, 1 fail, 2 could not run."""
 
 import json
+import shlex
 import signal
 from pathlib import Path
 
 import typer
+
+from djinnd import resolve_socket
 
 from . import catalog
 
@@ -49,6 +52,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print results.json (a sweep: summary.json) on stdout"),
     socket: str = typer.Option(None, "--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)"),
     run_id: int = typer.Option(None, "--run-id", hidden=True, help="the daemon's id for a run it launched"),
+    daemon_args: str = typer.Option("", "--daemon-args", help="djinnd start arguments for the private daemon the run "
+                                    "starts, e.g. '--host-pool 0' (refused when a daemon answers on the socket)"),
 ):
     """Run a scenario against the daemon (a private one is started when none answers)."""
     from .harness import run_scenario
@@ -59,9 +64,16 @@ def run(
         parsed = sc.parse_sets(sets or [])
     except catalog.ParamError as e:
         _fail(str(e))
+    extra = tuple(shlex.split(daemon_args))
+    if extra:
+        from .harness import connect
+        answering = connect(socket)
+        if answering is not None:
+            answering.close_socket()
+            _fail(f"--daemon-args need a private daemon, and djinnd answers on {resolve_socket(socket)}")
     signal.signal(signal.SIGTERM, _interrupt)  # an abort from the daemon: clean up like Ctrl-C
     try:
-        code, out = run_scenario(sc, parsed, output, socket, run_id, UI(json_mode=as_json))
+        code, out = run_scenario(sc, parsed, output, socket, run_id, UI(json_mode=as_json), extra)
     except KeyboardInterrupt:
         _fail("aborted", 130)
     if as_json:

@@ -305,8 +305,10 @@ def point_name(point: dict, sets: dict) -> str:
     return "_".join(f"{k}-{point[k]}" for k in sets if len(sets[k]) > 1)
 
 
-def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, ui) -> tuple[int, dict]:
-    """Run every point; (exit code, results.json or summary.json)."""
+def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, ui,
+                 daemon_args: tuple[str, ...] = ()) -> tuple[int, dict]:
+    """Run every point; (exit code, results.json or summary.json). `daemon_args` go to the private daemon
+    the run starts when none answers on the socket."""
     module = importlib.import_module(sc.runner)
     root = out_folder(output, sc.name)
     client = connect(socket)
@@ -324,12 +326,13 @@ def run_scenario(sc: Scenario, sets: dict, output: Path | None, socket, run_id, 
                 args = ["--device", device] + (["--model", first["model"]] if first.get("model") else [])
                 if isinstance(first.get("budget"), int):
                     args += ["--vram-budget", str(first["budget"])]
+                args += daemon_args
                 private = PrivateDaemon(*args, logs=root).start(timeout=900)  # a 13B model loads for minutes
                 client = Client(private.socket)
             except PrivateDaemonError as e:
                 problem = str(e)
         sweep = len(points) > 1
-        notes = ["ran on a private djinnd started for this run"] if private is not None else []
+        notes = [" ".join(["ran on a private djinnd started for this run", *daemon_args])] if private is not None else []
         runs = []
         for i, p in enumerate(points):
             folder = root / point_name(p, sets) if sweep else root

@@ -37,7 +37,8 @@ def show(name: str = typer.Argument(..., help="plan name, or a path to a .toml f
     p = _load(name)
     typer.echo(f"{p.name}: {p.title}\n{len(p.points)} points, {p.repeats} repeat(s) each; results in {p.folder}")
     for pt in p.points:
-        typer.echo(f"  {pt.id:<40} {pt.scenario} " + " ".join(f"{k}={v}" for k, v in pt.sets.items()))
+        daemon = f" (private djinnd {pt.daemon_args})" if pt.daemon_args else " (private djinnd)" if pt.private_daemon else ""
+        typer.echo(f"  {pt.id:<40} {pt.scenario} " + " ".join(f"{k}={v}" for k, v in pt.sets.items()) + daemon)
 
 
 @app.command()

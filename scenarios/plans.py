@@ -10,6 +10,8 @@ A plan is a TOML file (shipped in scenarios/plans/, or any path ending in .toml)
     timeout_s = 600              # (not a parameter) a run still going then is stopped, and fails
     private_daemon = true        # (not a parameter) each run starts a daemon of its own on the point's
                                  # model and device: a point that cannot have its model says skipped
+    daemon = ["", "--host-pool 0"]  # (not a parameter; with private_daemon) its djinnd start arguments,
+                                 # swept like a parameter: point ids say daemon=default, daemon=--host-pool_0
 
 Each run is `djinn scenario run NAME --headless --set ... --output logs/plans/<plan>/<point>/<stamp>`
 in a process of its own, so a point that breaks stops nothing else; `outcome.json` beside its
@@ -57,6 +59,7 @@ class Point:
     sets: dict  # key -> the value's text, as `--set key=text` takes it
     timeout_s: float | None = None
     private_daemon: bool = False
+    daemon_args: str = ""  # djinnd start arguments of its private daemon
 
 
 @dataclass
@@ -115,6 +118,11 @@ def _points(path: Path, sname: str, params) -> list[Point]:
     private = params.pop("private_daemon", False)
     if not isinstance(private, bool):
         raise PlanError(f"plan {path}: {sname}: private_daemon must be true or false, got {private!r}")
+    daemons = params.pop("daemon", [""])
+    daemons = daemons if isinstance(daemons, list) else [daemons]
+    if not all(isinstance(d, str) for d in daemons) or (daemons != [""] and not private):
+        raise PlanError(f"plan {path}: {sname}: daemon must be djinnd start arguments (a string or a list of them), "
+                        f"with private_daemon = true; got {daemons!r}")
     texts = {k: [_text(x) for x in v] if isinstance(v, list) else [_text(v)] for k, v in params.items()}
     try:
         sc.parse_sets([f"{k}={t}" for k, ts in texts.items() for t in ts])  # each value checked as --set checks it
@@ -122,9 +130,12 @@ def _points(path: Path, sname: str, params) -> list[Point]:
         raise PlanError(f"plan {path}: {sname}: {e}") from None
     swept = [k for k, ts in texts.items() if len(ts) > 1]
     out = []
-    for combo in itertools.product(*texts.values()):
-        sets = dict(zip(texts, combo))
-        out.append(Point("-".join([sname] + [f"{k}={sets[k]}" for k in swept]), sname, sets, timeout, private))
+    for daemon in daemons:
+        label = [f"daemon={'_'.join(daemon.split()) or 'default'}"] if len(daemons) > 1 else []
+        for combo in itertools.product(*texts.values()):
+            sets = dict(zip(texts, combo))
+            pid = "-".join([sname] + [f"{k}={sets[k]}" for k in swept] + label)
+            out.append(Point(pid, sname, sets, timeout, private, daemon))
     return out
 
 
@@ -274,6 +285,7 @@ def _run_once(plan: Plan, p: Point, socket: str | None) -> dict:
         if p.private_daemon:  # a socket where no daemon answers: the run starts its own
             socket = str(Path(nowhere) / "none.sock")
         argv += ["--socket", socket] if socket else []
+        argv += ["--daemon-args", p.daemon_args] if p.daemon_args else []
         # `djinn scenario run ...` forked from a process that has imported torch once for every run
         proc = ForkServer.shared().spawn(argv, dict(os.environ), str(folder / "run.log"), "djinn",
                                          str(Path(__file__).parent.parent))

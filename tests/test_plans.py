@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Daemon, djinn
+from conftest import ROOT, Daemon, djinn, scenario
 from djinnd import ForkServer
 
 EXP3 = "prompt_len = 32\ngen_tokens = 2\n"
@@ -120,3 +120,26 @@ def test_a_private_daemon_point_runs_on_its_own_model_or_says_skipped(plan, tmp_
     assert "unknown model 'no-such-model'" in missing["reason"]
     results = json.loads(next(plan.folder.glob("models/exp3-model=tiny-gpt2/*/results.json")).read_text())
     assert results["model"]["name"] == "tiny-gpt2"
+
+
+def test_a_plan_sweeps_its_private_daemons_arguments(plan, tmp_path):
+    """daemon = [...] runs each point on a daemon started with those arguments: with --host-pool 0 every
+    swap goes to the disk tier, with the default to the host pool (the ablation plan's host pool off)."""
+    path = write(tmp_path, "pools", 'repeats = 1\n[scenarios.exp3]\nprivate_daemon = true\ndevice = "cpu"\n'
+                                    f'daemon = ["", "--host-pool 0"]\nsessions = 3\n{EXP3}')
+    show = plan("show", path)
+    assert "exp3-daemon=--host-pool_0" in show.stdout and "(private djinnd --host-pool 0)" in show.stdout, show.stdout
+    out = plan("run", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for point, tier in (("exp3-daemon=default", "host"), ("exp3-daemon=--host-pool_0", "disk")):
+        [run] = plan.folder.glob(f"pools/{point}/*/events.jsonl")
+        tiers = {e["tier"] for e in map(json.loads, run.read_text().splitlines()) if e["type"] == "swap_out"}
+        assert tiers == {tier}, (point, tiers)
+    bad = write(tmp_path, "shared", f'[scenarios.exp3]\ndaemon = "--host-pool 0"\n{EXP3}')
+    refused = plan("show", bad)
+    assert refused.returncode == 2 and "with private_daemon = true" in refused.stderr, refused.stderr
+
+
+def test_daemon_args_are_refused_when_a_daemon_answers(djinnd):
+    out = scenario("run", "exp3", "--headless", "--daemon-args", "--host-pool 0", socket=djinnd.socket)
+    assert out.returncode == 2 and "--daemon-args need a private daemon" in out.stderr, out.stderr
