@@ -27,6 +27,18 @@ def _no_daemon(sock: Path, why: str) -> DjinnError:
                       + ("" if "DJINN_SOCKET" in os.environ else " or set DJINN_SOCKET"))
 
 
+def _check_socket(sock: Path) -> None:
+    """There is a socket, of a daemon that would take this user's requests: it refuses every user but its
+    own and root (djinnd/peers.py), and a refused request would only time out."""
+    try:
+        owner = sock.stat().st_uid
+    except OSError:
+        raise _no_daemon(sock, "no socket there") from None
+    if os.getuid() not in (owner, 0):
+        raise DjinnError("refused", f"djinnd on {sock} runs as uid {owner}: only that user and root may connect "
+                                    f"(this is uid {os.getuid()})")
+
+
 class _Api:
     """One call for every method of the wire table (djinnd/wire.py), written once over `call`
     (sync) or `acall` (async)."""
@@ -201,8 +213,7 @@ class Client(_Api):
     def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         """The request's result; with wait=False, None once it is sent (the reply is skipped later)."""
         if self._sock is None:
-            if not self.socket_path.exists():
-                raise _no_daemon(self.socket_path, "no socket there")
+            _check_socket(self.socket_path)
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-{next(_ids)}"
         frame = _frame(rid, method, params)
@@ -255,8 +266,7 @@ class AsyncClient(_Api):
 
     async def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         if self._sock is None:
-            if not self.socket_path.exists():
-                raise _no_daemon(self.socket_path, "no socket there")
+            _check_socket(self.socket_path)
             self._sock = _dealer(self._ctx, self.socket_path)
         rid = f"{os.getpid()}-a{next(_ids)}"
         frame = _frame(rid, method, params)

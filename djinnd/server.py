@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 import zmq.asyncio
 
-from . import protocol, wire
+from . import peers, protocol, wire
 from .protocol import DjinnError
 from .service import NOT_NOW
 
@@ -33,6 +33,7 @@ class PubSink:
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        peers.own_user_only(self.sock)
         self.sock.bind(endpoint)
 
     def write(self, batch):
@@ -54,6 +55,7 @@ class Server:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 4)  # far larger frames cut the peer off
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        peers.own_user_only(self.sock)
         self.sock.bind(endpoint)
         self.sync_sock = zmq.Socket.shadow(self.sock.underlying)  # the same socket, for the loop's own polls and sends
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="djinn-rpc")

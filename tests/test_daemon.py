@@ -428,3 +428,48 @@ def test_a_session_stops_at_the_models_context_with_a_clear_error(daemon):
         assert e.value.code == "bad_state" and f"context of {n} is full" in str(e.value)
         info = c.session(sid)
         assert info["state"] == "idle" and len(info["tokens"]) == 4 and info["seq_len"] == n
+
+
+def _as_user(uid: int, fn) -> str:
+    """fn() in a forked child running as `uid`: what it returns, or the error it raised, as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid), os.setuid(uid)
+            out = str(fn())
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = f"{type(e).__name__}: {e}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return f.read()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
+def test_another_user_is_refused_even_where_the_socket_file_lets_them_in(daemon):
+    """The socket's folder is 0700; opened up here, the daemon still refuses another uid (its peer
+    credentials, from the kernel) before reading a request, and logs it; the client says why at once."""
+    sock = daemon.socket
+    for path in (daemon.folder, sock.parent, sock, paths.events_socket(sock)):
+        os.chmod(path, 0o777)
+
+    def raw_ping():  # what a client that skips the check sends
+        s = zmq.Context().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(paths.endpoint(sock))
+        s.send(protocol.request("x-1", "ping", {}))
+        return "answered" if s.poll(3000) else "no answer"
+
+    try:
+        assert raw_ping() == "answered" and _as_user(65534, lambda: os.access(sock, os.W_OK)) == "True"  # it could connect
+        assert _as_user(65534, raw_ping) == "no answer"
+        refused = _as_user(65534, lambda: Client(sock, timeout=5).ping())
+        assert refused.startswith("DjinnError: ") and "runs as uid 0: only that user and root may connect" in refused
+        with daemon.client() as c:
+            assert c.ping() == {}  # its own user is served as before
+    finally:
+        os.chmod(daemon.folder, 0o700), os.chmod(sock.parent, 0o700)
+    assert "refused a connection from uid 65534" in daemon.output()
