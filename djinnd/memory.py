@@ -15,6 +15,8 @@ copy waits for the default stream *after* its storage is allocated, since the ca
 may hand back a block that kernels queued there still use.
 """
 
+import errno
+import os
 import threading
 import time
 from collections import deque
@@ -29,6 +31,7 @@ from .stats import percentile
 from .swappool import DiskTier, HostPool, Stored, u8
 
 ROOM_WAIT_S = 60.0  # how long a request waits for room that running sessions hold before it fails
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk tier without room: waiting does not make any
 
 
 class RoomHeld(DjinnError):
@@ -37,6 +40,14 @@ class RoomHeld(DjinnError):
     def __init__(self, nbytes: int, holders: list[int]):
         who = f" ({', '.join(map(str, holders))})" if holders else ""
         super().__init__("out_of_budget", f"no room for {nbytes} B: the budget is held by running sessions{who}")
+
+
+class TierFull(DjinnError):
+    """A swap-out found the disk tier full (ENOSPC, EDQUOT): the session stayed where it was."""
+
+    def __init__(self, sid: int, folder, err: OSError):
+        self.full = f"the disk tier {folder} is full ({os.strerror(err.errno)})"
+        super().__init__("swap_failed", f"swap-out of session {sid} failed: {self.full}")
 
 
 def coldness(s) -> tuple:
@@ -85,6 +96,7 @@ class MemoryManager:
         return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
                 "weights_bytes": self.weights_bytes, "overhead_bytes": self.overhead, "host_bytes": self.host.used,
                 "host_capacity_bytes": self.host.capacity, "host_pinned_bytes": self.host.pinned_bytes,
+                "host_span_bytes": self.host.span(),
                 "disk_bytes": self.disk.used, "capacity_bytes": self.capacity, "swap_enabled": self.swap_enabled,
                 "spare_bytes": self.spares.nbytes if self.spares else 0,
                 **self.device_figures()}
@@ -171,7 +183,8 @@ class MemoryManager:
         charges the device's own `overhead` (a new compute thread's cuBLAS workspace).
 
         Waits while the room is held by sessions that are running right now; fails at once when the
-        request could never fit, or when it does not fit now and `make_room` is False.
+        request could never fit, when it does not fit now and `make_room` is False, or when the
+        sessions that would make room cannot be swapped out because the disk tier is full.
         """
         if nbytes <= 0:
             return
@@ -188,10 +201,13 @@ class MemoryManager:
             if not make_room:
                 raise DjinnError("out_of_budget", f"no room for {nbytes} B without swapping others out")
             with self.lock:
-                self._make_room(nbytes, s)
+                _, full = self._make_room(nbytes, s)
                 with self.acct:
                     if self._charge_if_fits(s, nbytes):
                         return
+                    if full is not None:
+                        raise DjinnError("out_of_budget", f"no room for {nbytes} B more for {who}: {full.full}, so the "
+                                         "sessions that would make room cannot be swapped out")
                     if not self.swap_enabled and not self._pinned_others(s):
                         raise DjinnError("out_of_budget", f"{who} needs {nbytes} B more and swapping is off")
                     seen = self._version
@@ -246,16 +262,22 @@ class MemoryManager:
     def _pinned_others(self, s) -> bool:
         return bool(self._holders(s))
 
-    def _make_room(self, nbytes: int, requester) -> bool:
-        """Swap out victims until `nbytes` more fit; True when they do."""
+    def _make_room(self, nbytes: int, requester) -> tuple[bool, TierFull | None]:
+        """Swap out victims until `nbytes` more fit: whether they do, and when they do not only because
+        victims could not go to a full disk tier, that failure (waiting would not make the room)."""
+        full, stuck = None, 0
         for victim in self._victims(requester):
             if self.used + nbytes <= self.budget:
                 break
             try:
                 self.swap_out(victim, reason="evict")
+            except TierFull as e:
+                full, stuck = e, stuck + victim.charge
             except DjinnError:
                 continue  # that one could not move; try the next
-        return self.used + nbytes <= self.budget
+        if self.used + nbytes <= self.budget:
+            return True, None
+        return False, full if full is not None and self.used - stuck + nbytes <= self.budget else None
 
     def _victims(self, requester):
         if not self.swap_enabled:
@@ -286,13 +308,15 @@ class MemoryManager:
                 if stored is None:
                     stored = Stored("disk", sizes, s.charge)
                     with self._on_copy_stream():  # its copies wait for this session's work alone
-                        stored.path = self.disk.write(f"session-{s.id}-{time.monotonic_ns()}",
+                        stored.path = self.disk.write(self.disk.name(s.id, time.monotonic_ns()),
                                                       [u8(st) for st in storages], total)
             except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
                 self._sync()  # a copy queued before the failure may still read the storage
                 self.count("failures")
-                self.bus.emit("error", where="swap_out", session=s.id, message=f"swap-out of session {s.id} failed: {e}")
-                raise DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}") from None
+                err = (TierFull(s.id, self.disk.folder, e) if isinstance(e, OSError) and e.errno in DISK_FULL
+                       else DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}"))
+                self.bus.emit("error", where="swap_out", session=s.id, message=err.message)
+                raise err from None
             ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
             with self.acct:
                 if s.pins_taken != pins_taken:  # a forward ran or runs meanwhile: the copy may have missed
@@ -344,7 +368,8 @@ class MemoryManager:
             st = o.stored
             try:
                 t0 = self._timer()
-                path = self.disk.write(f"session-{o.id}-{time.monotonic_ns()}", [self.host.view(st.offset, st.nbytes)], st.nbytes)
+                path = self.disk.write(self.disk.name(o.id, time.monotonic_ns()), [self.host.view(st.offset, st.nbytes)],
+                                       st.nbytes)
             except OSError as e:
                 self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
                 return

@@ -2,10 +2,14 @@
 
 The host pool is one buffer (pinned on CUDA, since pinning per swap costs more than the copy)
 carved first-fit. The disk tier writes plain files, space reserved with fallocate first: a memory
-map would turn a full disk into SIGBUS, a plain write into an error we can recover from.
+map would turn a full disk into SIGBUS, a plain write into an error we can recover from. Its files
+are named session-<id>-<stamp>.swap; those a previous run left (a daemon killed cannot clean up)
+are removed when the tier is set up, and files of other names in its folder are never touched.
 """
 
+import logging
 import os
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -14,8 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .sizes import format_size
+
 ALIGN = 512
 STAGING = 64 << 20  # bytes: the disk tier's bounce buffer
+SWAP_FILE = re.compile(r"session-\d+-\d+\.swap")  # the disk tier's own files (DiskTier.name); nothing else is touched
+
+log = logging.getLogger("djinnd")
 
 
 def u8(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -81,6 +90,14 @@ class HostPool:
         with self._lock:
             return max((size for _, size in self._free), default=0)
 
+    def span(self) -> int:
+        """Where the highest range in use ends: the pool's footprint. First-fit from offset 0 keeps it
+        low; the free bytes below it are holes (1 - used / span is the pool's fragmentation)."""
+        with self._lock:
+            if self._free and sum(self._free[-1]) == self.capacity:
+                return self._free[-1][0]
+            return self.capacity
+
     def view(self, off: int, n: int) -> torch.Tensor:
         return self.buffer[off:off + n]
 
@@ -92,6 +109,38 @@ class DiskTier:
         self._device = device
         self._staging = None
         self._lock = threading.Lock()
+        self.sweep()
+
+    @staticmethod
+    def name(sid: int, stamp: int) -> str:
+        """A swap file's name (less `.swap`): the session, and a stamp that keeps each copy's apart."""
+        return f"session-{sid}-{stamp}"
+
+    def _own_files(self):
+        """The folder's regular files named as this tier names its own (none when there is no folder)."""
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return []
+        return [e for e in entries if SWAP_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+
+    def sweep(self) -> tuple[int, int]:
+        """Remove the swap files a previous run left (a daemon killed cannot clean up; nothing reads
+        them back after a restart): their count and bytes, logged. Files of other names stay."""
+        count = nbytes = 0
+        for e in self._own_files():
+            try:
+                size = e.stat(follow_symlinks=False).st_size
+                os.unlink(e.path)
+            except OSError as err:
+                log.warning("cannot remove the stale swap file %s: %s", e.path, err.strerror or err)
+                continue
+            count += 1
+            nbytes += size
+        if count:
+            log.info("removed %d swap file%s (%s) that a previous run left in the disk tier %s",
+                     count, "" if count == 1 else "s", format_size(nbytes), self.folder)
+        return count, nbytes
 
     def _stage(self) -> torch.Tensor:
         if self._staging is None:
@@ -139,9 +188,10 @@ class DiskTier:
         self.used -= total
 
     def cleanup(self) -> None:
-        """Remove the spill folder's swap files (on shutdown, when no session is left)."""
-        for p in self.folder.glob("*.swap"):
-            p.unlink(missing_ok=True)
+        """Remove the spill folder's swap files (on shutdown, when no session is left), and the folder
+        once it is empty (a folder holding files of other names stays)."""
+        for e in self._own_files():
+            Path(e.path).unlink(missing_ok=True)
         try:
             self.folder.rmdir()
         except OSError:
