@@ -24,6 +24,8 @@ def start(
     dtype: str = typer.Option(None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, bf16 on CUDA)"),
     logs: Path = typer.Option(None, help="folder for the event log (default: ./logs)"),
     spill_dir: Path = typer.Option(None, "--spill-dir", help="disk tier folder (default: beside the socket)"),
+    state_dir: Path = typer.Option(None, "--state-dir", help="folder of the session journal, which brings the sessions back at the next start (default: beside the socket)"),
+    fresh: bool = typer.Option(False, "--fresh", help="start with no sessions: remove the journal instead of restoring it"),
     sample_hz: float = typer.Option(10.0, "--sample-hz", help="memory samples per second"),
     qos: str = typer.Option("on", help="on: serve realtime > interactive > batch; off: first come first served"),
     escalation_ms: float = typer.Option(None, "--escalation-ms", help="serve a request waiting this long ahead of its class"),
@@ -45,6 +47,7 @@ def start(
         config = DaemonConfig.parse(
             socket=sock, logs_dir=(logs or paths.default_logs_dir()).absolute(), device=device, model=model,
             vram_budget=vram_budget, host_pool=host_pool, dtype=dtype, spill_dir=spill_dir, sample_hz=sample_hz,
+            state_dir=state_dir.absolute() if state_dir else None, fresh=fresh,
             qos=qos, escalation_ms=escalation_ms, qos_shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo,
             max_batch=max_batch, prefill_chunk=prefill_chunk, metrics_port=metrics_port, busy_poll_us=busy_poll_us)
     except ValueError as e:

@@ -19,6 +19,8 @@ class DaemonConfig:
     host_pool: int | None = None  # bytes; None: the device's default
     dtype: str | None = None  # None: fp32 on the CPU, bf16 (or fp16) on CUDA
     spill_dir: Path | None = None  # None: beside the socket
+    state_dir: Path | None = None  # the session journal's folder; None: beside the socket
+    fresh: bool = False  # start with no sessions: the journal is removed
     sample_hz: float = 10.0
     qos: str = "on"  # off: first come, first served
     escalation_ms: float | None = None

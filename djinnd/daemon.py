@@ -76,10 +76,32 @@ def run_foreground(config) -> int:
         _cleanup(sock, lock_fd)
         return 2
     try:
-        return _serve(config, rt, bus)
-    finally:
+        journal = _restore(config, rt)
+    except Exception as e:  # noqa: BLE001 - a folder it cannot write: a one-line refusal, not a traceback
+        log.error("cannot start: journal %s: %s", paths.journal(sock, config.state_dir), e)
         _cleanup(sock, lock_fd)
         rt.mem.disk.cleanup()
+        return 2
+    try:
+        return _serve(config, rt, bus)
+    finally:
+        journal.close()
+        _cleanup(sock, lock_fd)
+        rt.mem.disk.cleanup()
+
+
+def _restore(config, rt):
+    """The session journal opened, and the sessions it holds back in `rt` (paused ones paused again)
+    before the daemon serves; --fresh removes it first."""
+    from .journal import Journal
+    t0 = time.monotonic()
+    journal = Journal(paths.journal(config.socket, config.state_dir), rt.lm.name, fresh=config.fresh)
+    restored = rt.restore(journal)
+    if restored:
+        paused = sum(s.state == "paused" for s in restored)
+        log.info("restored %d sessions (%d paused) from %s in %.1f s", len(restored), paused, journal.path,
+                 time.monotonic() - t0)
+    return journal
 
 
 def _runtime(config):
@@ -103,7 +125,7 @@ def _runtime(config):
     lock = DeviceLock(fcfs=config.qos == "off", escalation_s=config.escalation_ms / 1000 if config.escalation_ms else None,
                       shares=config.qos_shares, max_concurrency=config.max_concurrency, lifo=config.lifo,
                       max_batch=config.max_batch or default_max_batch(dev))
-    rt = Runtime(lm, bus, budget, pool, config.spill_dir or config.socket.parent / f"spill-{os.getpid()}", capacity, lock,
+    rt = Runtime(lm, bus, budget, pool, config.spill_dir or paths.spill(config.socket), capacity, lock,
                  prefill_chunk=config.prefill_chunk)
     if lm.batch_error:
         log.warning("decode steps run one at a time: %s", lm.batch_error)
@@ -162,6 +184,7 @@ def _serve(config, rt, bus) -> int:
         await server.drain(5)
         if service.scenarios is not None:  # none without the scenarios package's catalog
             service.scenarios.abort_all()
+        rt.detach_journal()  # the sessions closed now stay in the journal: the next start restores them
         await loop.run_in_executor(None, rt.close_all)
 
     try:

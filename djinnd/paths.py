@@ -25,6 +25,18 @@ def pidfile(sock: Path) -> Path:
     return sock.with_name(sock.stem + ".pid")
 
 
+def spill(sock: Path) -> Path:
+    """The disk tier's default folder: beside the socket, the same for every daemon on it, so a start
+    finds (and removes) the swap files of one that was killed."""
+    return sock.with_name(sock.stem + ".spill")
+
+
+def journal(sock: Path, state_dir: Path | None = None) -> Path:
+    """The session journal (journal.py): beside the socket, or in --state-dir, named after the socket."""
+    name = sock.stem + ".journal.sqlite"
+    return Path(state_dir) / name if state_dir else sock.with_name(name)
+
+
 def endpoint(path: Path) -> str:
     return f"ipc://{path}"
 

@@ -13,6 +13,7 @@ forward (DeviceLock.join picks the rows, rows.py runs them), each session's KV s
 import contextlib
 import contextvars
 import itertools
+import logging
 import threading
 import time
 from functools import partial
@@ -27,9 +28,19 @@ from .protocol import DjinnError
 from .scheduler import QOS_RANK, DeviceLock
 from .session import Aborted, Session, State
 
+log = logging.getLogger("djinnd")
 _running: contextvars.ContextVar = contextvars.ContextVar("djinn_session", default=None)
 MAX_VALUES = 1 << 16  # elements an inspect may return
 PREFILL_CHUNK = 512  # tokens a prefill segment feeds at most
+
+
+def _built(s: Session, n: int) -> None:
+    """A forward of `n` tokens went into its KV: its history, for the journal (run-length coded)."""
+    seg = s.segments
+    if seg and seg[-1][0] == n:
+        seg[-1] = [n, seg[-1][1] + 1]
+    else:
+        seg.append([n, 1])
 
 
 def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
@@ -60,6 +71,7 @@ class Runtime:
         self._hook_users = 0
         self.prefetch = Prefetcher(self.mem, bus)  # phase hints: early swap-out, prefetch before wake-up
         self.prefetch.start()
+        self.journal = None  # a journal.Journal: each request's outcome is written there (restore)
 
     # -- sessions ------------------------------------------------------------------------------
     def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
@@ -78,6 +90,7 @@ class Runtime:
             self.sessions[s.id] = s
         self.mem.register(s)
         self._event(s, "created")
+        self._record(s)
         return s
 
     def get(self, sid) -> Session:
@@ -104,6 +117,9 @@ class Runtime:
                 s.thread.join(30)
         with self._lock:
             self.sessions.pop(s.id, None)
+        journal = self.journal
+        if journal is not None:
+            journal.delete(s.id)
         self.mem.unregister(s)
         s.cache.release()
         s.held, s.hidden, s.embeds = [], None, None
@@ -118,17 +134,131 @@ class Runtime:
                 pass
 
     def shutdown(self) -> None:
-        """Close every session, stop the prefetcher and take the hooks off the (possibly shared) model."""
+        """Close every session (kept in the journal, if any), stop the prefetcher and take the hooks off
+        the (possibly shared) model."""
+        journal = self.detach_journal()
+        if journal is not None:
+            journal.close()
         self.close_all()
         self.prefetch.stop()
         with self._lock:
             self._hook_users = 0
             self._remove_hooks()
 
+    # -- journal and restore -----------------------------------------------------------------------
+    def _record(self, *sessions: Session) -> None:
+        """Journal what a request left the sessions in, from the thread that finished it."""
+        journal = self.journal
+        if journal is not None:
+            journal.save(sessions)
+
+    def detach_journal(self):
+        """Stop journaling (and give the journal back): what follows, such as closing every session
+        at a stop, is not to be restored differently."""
+        journal, self.journal = self.journal, None
+        return journal
+
+    def restore(self, journal) -> list[Session]:
+        """Bring back the sessions `journal` read, under their ids, then journal into it from now on.
+
+        An idle one comes back with an empty KV, which its next forward first computes again from
+        its tokens (one prefill). A paused one is paused again here, at its layer: the forwards that
+        built its KV run again as they ran (same sizes, same order), then its paused forward with the
+        same breakpoints, each journaled patch applied at its layer as the forward passes it. On the
+        CPU its hidden state is then the one it had bit for bit, unless a decode step that built its
+        KV was batched with other sessions' (the rows' kernels differ from one session's in the last bits).
+        """
+        restored = []
+        for r in journal.records:
+            try:
+                restored.append(self._restore(r))
+            except Exception as e:  # noqa: BLE001 - a record that does not hold together: that one only
+                log.error("session %s of journal %s not restored: %s", r.id, journal.path, e)
+                journal.delete(r.id)
+        with self._lock:
+            self._ids = itertools.count(max(journal.last_id, *self.sessions, 0) + 1)
+        self.journal = journal
+        self._record(*restored)  # (into a fresh file, when the old one was moved aside)
+        return restored
+
+    def _restore(self, r) -> Session:
+        self._check_ids(r.prompt)
+        if r.generated:
+            self._check_ids(r.generated)
+        if r.qos not in QOS_RANK:
+            raise ValueError(f"unknown QoS {r.qos!r}")
+        if r.state == State.PAUSED and r.layer not in r.breakpoints:
+            raise ValueError(f"it is paused at layer {r.layer}, not one of its breakpoints {r.breakpoints}")
+        tokens = r.prompt + r.generated
+        kv = len(tokens) - r.pending
+        s = Session(r.id, r.prompt, r.qos, self.lm)
+        s.created_at, s.generated, s.pending = r.created_at, list(r.generated), tokens[kv:]
+        with self._lock:
+            if s.id in self.sessions:
+                raise ValueError("its id is taken")
+            self.sessions[s.id] = s
+        self.mem.register(s)
+        built = sum(n * k for n, k in r.segments)
+        if r.state == State.PAUSED:
+            s.replay = [list(x) for x in r.segments] if built == kv else [[kv, 1]] if kv else []
+            try:
+                self._pause_again(s, r)
+            except Exception as e:  # noqa: BLE001 - it stays as the failure left it: idle, or paused elsewhere
+                log.error("session %s, paused at layer %s before the restart, is %s at %s: %s",
+                          s.id, r.layer, s.state, s.layer, e)
+        else:
+            s.replay = [[kv, 1]] if kv else []
+        s.phase = r.phase  # (after the forward run again, which would have made it COMPUTE)
+        s.restored = True
+        self._event(s, "restored")
+        return s
+
+    def _pause_again(self, s: Session, r) -> None:
+        """Run `s`'s paused forward again up to layer `r.layer`, redoing its patches where they were made."""
+        out = self.run_to(s.id, r.breakpoints)
+        while out["state"] == "paused":
+            for p in r.patches:
+                if p["layer"] == out["layer"]:
+                    self.patch(s.id, p["op"], p["value"], p.get("positions"), p.get("channels"))
+            if out["layer"] == r.layer:
+                return
+            out = self.resume(s.id)
+        raise DjinnError("internal", "its forward ended before that layer")
+
+    def _replay(self, s: Session) -> None:
+        """A restored session's KV computed again before its next forward: the forwards in `s.replay`,
+        on its tokens before the pending ones (its tokens and pending input are left as they were)."""
+        generated, pending = s.generated, s.pending
+        tokens = s.prompt_ids + generated
+        with s.cond:  # its tokens and input are the replay's meanwhile: not to be journaled
+            s.state, s.generated = State.RUNNING, list(generated)
+        try:
+            while s.replay:
+                (size, times), pos = s.replay[0], s.cache.seq_len
+                s.pending = tokens[pos:pos + size]
+                try:
+                    while self._segment(s) is None:
+                        pass
+                except Aborted:
+                    raise DjinnError("unknown_session", f"session {s.id} is closing") from None
+                except BaseException:  # a chunked segment may have left some chunks: all go again
+                    for layer in s.cache.layers:
+                        layer.length = pos
+                    raise
+                s.replay = ([[size, times - 1]] if times > 1 else []) + s.replay[1:]
+        except Exception as e:
+            raise _as_djinn_error(s, e) from None
+        finally:
+            with s.cond:
+                s.generated, s.pending, s.token, s.state = generated, pending, None, State.IDLE
+
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:
         s = self.get(sid)
-        return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
+        try:
+            return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
+        finally:
+            self._record(s)
 
     def append(self, sid, token_ids) -> dict:
         """Input for the next forward after what `sid` holds, so a conversation's new turn computes only
@@ -145,6 +275,7 @@ class Runtime:
                 s.generated += token_ids
         finally:
             s.op_lock.release()
+        self._record(s)
         return {"pending": len(s.pending)}
 
     def steps_now(self, sids) -> dict:
@@ -191,10 +322,12 @@ class Runtime:
         finally:
             for s in rows:
                 s.op_lock.release()
+            self._record(*rows)
 
     def _steppable(self, s: Session) -> bool:
         """Idle, with one token to decode, and room for it in the model's context."""
-        return s.state == State.IDLE and not s.closing and len(s.pending) == 1 and self._fits_context(s)
+        return (s.state == State.IDLE and not s.closing and len(s.pending) == 1 and not s.replay
+                and self._fits_context(s))
 
     def _fits_context(self, s: Session) -> bool:
         """The next forward's tokens fit in the model's context (its positions past it do not exist)."""
@@ -231,7 +364,11 @@ class Runtime:
         bad = [x for x in layers if not 0 <= x < n]
         if bad:
             raise DjinnError("bad_params", f"layer {bad[0]} is out of range: the model has {n} decoder layers (0..{n - 1})")
-        return self._run_forward(self.get(sid), sorted(set(layers)))
+        s = self.get(sid)
+        try:
+            return self._run_forward(s, sorted(set(layers)))
+        finally:
+            self._record(s)
 
     def resume(self, sid) -> dict:
         s = self.get(sid)
@@ -241,20 +378,28 @@ class Runtime:
                     raise DjinnError("bad_state", f"session {s.id} is {s.state}, not paused at a breakpoint")
                 s.error = None
                 s.resume_requested = True
+                s.restored = False
                 s.cond.notify_all()
-            return self._wait(s, resumed=True)
+            try:
+                return self._wait(s, resumed=True)
+            finally:
+                self._record(s)
 
     def _run_forward(self, s: Session, breakpoints: list[int]) -> dict:
         # held until the forward pauses or ends: no other request's forward or resume comes between
         # it and the answer read back from the session
         self._take_op(s)
         try:
+            if s.replay:
+                self._check_idle(s)
+                self._replay(s)
             with s.cond:
                 self._check_idle(s)
                 if not self._fits_context(s):
                     raise DjinnError("bad_state", f"session {s.id} holds {s.cache.seq_len} tokens: the model's "
                                      f"context of {self.lm.context_length} is full")
                 s.state, s.breakpoints, s.error, s.token = State.RUNNING, breakpoints, None, None
+                s.patches, s.restored = [], False
                 if breakpoints:  # it may pause: a thread of its own, which waits there for resume
                     s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
                     s.thread.start()
@@ -340,6 +485,8 @@ class Runtime:
                     else:
                         logits = self.lm.forward_rows([s.pending[0] for s in ready], [s.cache for s in ready])
                     outcome = logits.argmax(-1).tolist()
+                    for s in ready:
+                        _built(s, 1)
         except Exception as e:  # noqa: BLE001 - every row gets it; their sessions stay usable
             outcome = e
             for s, n in zip(ready, start):
@@ -418,6 +565,7 @@ class Runtime:
             s.touch()
             with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
                 logits = self.lm.forward(torch.tensor([s.pending[:n]], device=self.lm.device), s.cache.cache)
+            _built(s, n)
             if n < len(s.pending):
                 s.pending = s.pending[n:]
                 return None
@@ -683,7 +831,10 @@ class Runtime:
                     h[idx] = target + v
                 else:
                     h[idx] = target * v
-            return self._stats(s, None, None)
+            s.patches.append({"op": op, "value": value, "positions": positions, "channels": channels, "layer": s.layer})
+            out = self._stats(s, None, None)
+        self._record(s)
+        return out
 
     @contextlib.contextmanager
     def _paused_resident(self, s: Session):
@@ -748,6 +899,7 @@ class Runtime:
             self.prefetch.io_wait(s, expected_ms, now)
         else:  # back on the device now if it is out; a no-op when resident
             self.prefetch.compute(s)
+        self._record(s)
         return s.info()
 
     # -- status --------------------------------------------------------------------------------------

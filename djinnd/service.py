@@ -68,7 +68,14 @@ class Service:
                 "metrics_url": self.metrics_url,
                 "device": device,
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
+                "journal": self._journal(),
                 "swap": mem.swap_figures(), "scheduler": self.rt.device_lock.figures(), "seq": self.bus.seq}
+
+    def _journal(self) -> dict | None:
+        """Where sessions are journaled, and how many of them a restart brought back (not computed since)."""
+        journal = self.rt.journal
+        return None if journal is None else {
+            "path": str(journal.path), "restored": sum(s.restored for s in list(self.rt.sessions.values()))}
 
     def snapshot(self, samples: int):
         seq = self.bus.seq

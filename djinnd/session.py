@@ -32,6 +32,10 @@ class Session:
         self.state = State.IDLE
         self.layer: int | None = None  # where it is paused
         self.breakpoints: list[int] = []
+        self.patches: list[dict] = []  # applied during the paused forward, journaled to redo them at a restart
+        self.segments: list[list[int]] = []  # [[tokens, times], ...]: the forwards that built its KV (journal.py)
+        self.replay: list[list[int]] = []  # restored: those to run again before its next forward (Runtime._replay)
+        self.restored = False  # brought back by a restart, until its first forward since
         self.hidden = None  # the paused layer's output, which inspect and patch act on
         self.held: list = []  # every activation the paused forward holds: swapped with the slab
         self.embeds = None
@@ -80,5 +84,6 @@ class Session:
             "qos": self.qos, "phase": self.phase, "seq_len": self.cache.seq_len,
             "prompt_tokens": len(self.prompt_ids), "tokens": list(self.generated),
             "last_swap_ms": self.last_swap_ms, "swaps": self.swaps, "created_at": self.created_at,
+            "restored": self.restored,
         }
 

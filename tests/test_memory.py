@@ -427,10 +427,12 @@ def own_swap_files(folder):
     return sorted(p for p in folder.iterdir() if SWAP_FILE.fullmatch(p.name)) if folder.exists() else []
 
 
-def test_swap_files_a_killed_daemon_left_are_removed_at_the_next_start_and_others_stay(make_daemon, tmp_path):
-    spill = tmp_path / "spill"
-    args = ("--device", "cpu", "--vram-budget", "12MiB", "--host-pool", "0", "--spill-dir", str(spill))
+def test_swap_files_a_killed_daemon_left_are_removed_at_the_next_start_and_others_stay(make_daemon):
+    """The disk tier's default folder is the same for every daemon on a socket (paths.spill)."""
+    from djinnd import paths
+    args = ("--device", "cpu", "--vram-budget", "12MiB", "--host-pool", "0")
     d = make_daemon(*args)
+    spill = paths.spill(d.socket)
     with d.client() as c:
         for _ in range(8):
             assert c.run_to(c.create_session(token_ids=LONG), layer=2) == {"state": "paused", "layer": 2}
@@ -444,7 +446,7 @@ def test_swap_files_a_killed_daemon_left_are_removed_at_the_next_start_and_other
     (spill / "notes.swap.txt").write_text("not the tier's")
     (spill / "session-1.swap").write_text("nor this")  # not a name the tier gives
 
-    d2 = make_daemon(*args)
+    d2 = make_daemon(*args, "--fresh", folder=d.folder)  # (--fresh: the journal's paused sessions stay gone)
     assert own_swap_files(spill) == []
     assert (spill / "notes.swap.txt").read_text() == "not the tier's" and (spill / "session-1.swap").exists()
     assert (f"removed {len(left)} swap files ({format_size(nbytes)}) that a previous run left in the disk tier {spill}"

@@ -25,7 +25,7 @@ COLUMNS = [
 def row_cells(s: dict, compact: bool = False) -> list:
     loc = s.get("location") or "?"
     qos = s.get("qos") or "?"
-    cells = [str(s.get("id")), QOS_SHORT.get(qos, qos) if compact else qos, session_state(s),
+    cells = [str(s.get("id")) + ("↻" if s.get("restored") else ""), QOS_SHORT.get(qos, qos) if compact else qos, session_state(s),
              Text(loc, LOC_STYLE.get(loc, "")),
              Text((size_short if compact else size)(session_bytes(s)), justify="right"),
              Text(str(s.get("swaps") or 0), justify="right"),
