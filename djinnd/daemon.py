@@ -181,6 +181,7 @@ def _serve(config, rt, bus) -> int:
         pings.cancel()
         sdnotify.notify("STOPPING=1")
         log.info("stopping: closing %d sessions", len(rt.sessions))
+        rt.stopping = True  # generates in flight end at their next token: the drain waits for little
         await server.drain(5)
         if service.scenarios is not None:  # none without the scenarios package's catalog
             service.scenarios.abort_all()

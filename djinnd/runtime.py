@@ -72,6 +72,7 @@ class Runtime:
         self.prefetch = Prefetcher(self.mem, bus)  # phase hints: early swap-out, prefetch before wake-up
         self.prefetch.start()
         self.journal = None  # a journal.Journal: each request's outcome is written there (restore)
+        self.stopping = False  # the daemon stops: a generate in flight ends at its next token
 
     # -- sessions ------------------------------------------------------------------------------
     def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
@@ -255,8 +256,14 @@ class Runtime:
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:
         s = self.get(sid)
+        tokens = []
         try:
-            return [self._run_forward(s, [])["token"] for _ in range(max_new_tokens)]
+            for _ in range(max_new_tokens):
+                if self.stopping:  # rather than hold the stop up: what it made is kept (and journaled)
+                    raise DjinnError("stopping", f"djinnd is stopping: session {s.id} generated {len(tokens)} of "
+                                     f"{max_new_tokens} tokens, which it keeps")
+                tokens.append(self._run_forward(s, [])["token"])
+            return tokens
         finally:
             self._record(s)
 

@@ -142,6 +142,42 @@ def test_sigterm_restart_restores_and_a_closed_session_stays_closed(make_daemon)
         assert c.session(b)["layer"] == 5
 
 
+def test_a_stop_ends_a_long_generate_at_its_next_token_and_the_tokens_it_made_come_back(make_daemon):
+    """SIGTERM does not wait for a generate of 3000 tokens: it ends with `stopping` at its next token,
+    and the session keeps (and the next start restores) what it made."""
+    import threading
+    import time
+
+    from djinnd import DjinnError
+    d = make_daemon("--device", "cpu")
+    errors = []
+    with d.client() as c:
+        sid = c.create_session(prompt="The capital of France is")
+
+        def long_generate():
+            try:
+                with d.client() as cc:
+                    cc.generate(sid, 3000)  # (its context holds 4096)
+            except DjinnError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=long_generate)
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(c.session(sid)["tokens"]) < 5:
+            assert time.monotonic() < deadline and t.is_alive(), errors
+            time.sleep(0.05)
+    assert d.stop() == 0
+    t.join(60)
+    assert [e.code for e in errors] == ["stopping"] and "which it keeps" in errors[0].message
+    d2 = make_daemon("--device", "cpu", folder=d.folder)
+    with d2.client() as c:
+        made = c.session(sid)["tokens"]
+        assert 5 <= len(made) < 3000
+        ref = c.create_session(prompt="The capital of France is")
+        assert c.generate(ref, len(made)) == made
+
+
 def test_fresh_starts_empty_and_state_dir_holds_the_journal(make_daemon, tmp_path):
     state_dir = tmp_path / "state"
     d = make_daemon("--device", "cpu", "--state-dir", str(state_dir))
