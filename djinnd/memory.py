@@ -4,15 +4,24 @@ A session is charged for its KV slab and its held activations before they are al
 (`reserve`), and sessions that are paused or idle are swapped out, coldest first, to make room.
 Swapped state goes to the host pool, then to disk; it comes back bit for bit.
 
-Two locks. `lock` serialises swaps and is held through their copies. `acct` guards the books
-(charges, pins, where a session's state is) and is only ever held for a moment, so a forward of a
-resident session (pin, reserve what fits, release, unpin) never waits behind another's swap. A
-swap-out commits under `acct`, and drops its copy if a forward pinned the session meanwhile.
+No lock is held through a copy, so swaps of different sessions run at once:
 
-On CUDA the copies run on a stream of their own. A swap-out's copy waits for the session's own
-work (an event recorded whenever it is unpinned), not for every session's compute; a swap-in's
-copy waits for the default stream *after* its storage is allocated, since the caching allocator
-may hand back a block that kernels queued there still use.
+* `acct` guards the books (charges, pins, where a session's state is, which sessions are moving) and
+  is only ever held for a moment; a forward of a resident session never waits behind a swap.
+* A session whose bytes are being copied (out, in, or host pool to disk) is *moving*: claimed under
+  `acct` before its copy, given back under `acct` after its commit. A moving session is no victim,
+  is demoted by nobody, and whoever else wants to move it waits (`changed`) for its move to end;
+  closing it waits too. Its host range or disk file is its own while it moves.
+* `lock`, the room lock, serialises the choice of victims (and the prefetcher's plans): victims are
+  claimed under it, so two requesters never count the same one, and copied after it is let go.
+  A thread holding a claim never takes `lock`, so waiting for a claim under `lock` cannot deadlock.
+* A swap-out commits under `acct`, and drops its copy if a forward pinned the session meanwhile.
+
+On CUDA the copies run on streams of their own, one each way (a swap-out beside a swap-in uses
+both copy engines), and each swap waits for its own end event with no lock held. A swap-out's copy
+waits for the session's own work (an event recorded whenever it is unpinned), not for every
+session's compute; a swap-in's copy waits for the default stream *after* its storage is allocated,
+since the caching allocator may hand back a block that kernels queued there still use.
 """
 
 import errno
@@ -68,16 +77,17 @@ class MemoryManager:
         self.host = HostPool(host_pool, device)
         self.disk = DiskTier(spill_dir, device)
         self.bus = bus
-        self.lock = threading.RLock()  # swaps, one at a time, held through the copy
-        self.acct = threading.Lock()  # the books: charges, pins, `stored`; held briefly
+        self.lock = threading.RLock()  # the room lock: choosing (and claiming) victims; never held through a copy
+        self.acct = threading.Lock()  # the books: charges, pins, `stored`, `_moving`; held briefly
         self.changed = threading.Condition(self.acct)
+        self._moving: set = set()  # sessions whose bytes are being copied (claimed under acct)
         self._version = 0  # bumped on every change a waiting reserve may care about
         self.sessions: dict[int, object] = {}
         self.peak = self.used
         self.swap_enabled = True
         self.counters = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0, "demotions": 0, "failures": 0}
         self.latencies = deque(maxlen=10000)  # (direction, ms, gbps)
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._streams = {"out": torch.cuda.Stream(device), "in": torch.cuda.Stream(device)} if self.cuda else {}
         self.spares = None if self.cuda else Spares()  # CUDA's caching allocator keeps freed blocks itself
 
     # -- accounting ---------------------------------------------------------------------------
@@ -90,7 +100,7 @@ class MemoryManager:
     def used(self) -> int:
         return self.fixed + sum(s.charge for s in list(self.sessions.values()))
 
-    # Figures are read without the lock, which a swap holds through its copy: status and the
+    # Figures are read without the locks: status and the
     # sampler must answer at once. Each read is a consistent value; together they are a snapshot.
     def figures(self) -> dict:
         return {"budget_bytes": self.budget, "device_bytes": self.used, "peak_device_bytes": self.peak,
@@ -125,7 +135,9 @@ class MemoryManager:
 
     def unregister(self, s) -> None:
         """Forget a closed session and free whatever it holds in every tier."""
-        with self.lock, self.acct:
+        with self.acct:
+            while s in self._moving:  # its copy ends first: its range or file is the copy's meanwhile
+                self.changed.wait()
             self.sessions.pop(s.id, None)
             self._drop_stored(s)
             s.charge = 0
@@ -135,6 +147,15 @@ class MemoryManager:
         self._version += 1
         self.changed.notify_all()
 
+    def _unclaim(self, s) -> None:  # holding acct
+        """`s` has moved (or not): another may move it now."""
+        self._moving.discard(s)
+        self._changed()
+
+    def moving(self, s) -> bool:
+        """Whether `s`'s bytes are being copied right now."""
+        return s in self._moving
+
     def reset_peak(self) -> None:
         """Start the peak over from now, the allocator's too (a scenario run measures its own)."""
         self.peak = self.used
@@ -142,13 +163,14 @@ class MemoryManager:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def set_budget(self, budget: int) -> None:
-        with self.lock:
+        with self.acct:
             if budget <= self.fixed:
                 raise DjinnError("bad_params", f"budget {budget} B does not even hold the weights and workspaces ({self.fixed} B)")
             self.budget = budget
-            self._make_room(0, None)  # lowering it swaps out what no longer fits
-            if self.spares:
-                self.spares.trim(self.budget - self.used)
+            self._changed()
+        self._make_room(0, None)  # lowering it swaps out what no longer fits
+        if self.spares:
+            self.spares.trim(self.budget - self.used)
 
     def pin(self, s) -> None:
         """Keep `s` from being swapped out (it is computing, or being inspected)."""
@@ -200,17 +222,16 @@ class MemoryManager:
                     return
             if not make_room:
                 raise DjinnError("out_of_budget", f"no room for {nbytes} B without swapping others out")
-            with self.lock:
-                _, full = self._make_room(nbytes, s)
-                with self.acct:
-                    if self._charge_if_fits(s, nbytes):
-                        return
-                    if full is not None:
-                        raise DjinnError("out_of_budget", f"no room for {nbytes} B more for {who}: {full.full}, so the "
-                                         "sessions that would make room cannot be swapped out")
-                    if not self.swap_enabled and not self._pinned_others(s):
-                        raise DjinnError("out_of_budget", f"{who} needs {nbytes} B more and swapping is off")
-                    seen = self._version
+            _, full = self._make_room(nbytes, s)
+            with self.acct:
+                if self._charge_if_fits(s, nbytes):
+                    return
+                if full is not None:
+                    raise DjinnError("out_of_budget", f"no room for {nbytes} B more for {who}: {full.full}, so the "
+                                     "sessions that would make room cannot be swapped out")
+                if not self.swap_enabled and not self._pinned_others(s):
+                    raise DjinnError("out_of_budget", f"{who} needs {nbytes} B more and swapping is off")
+                seen = self._version  # a swap still moving others out bumps it as it commits
             left = deadline - time.monotonic()
             if left <= 0:
                 with self.acct:
@@ -264,78 +285,116 @@ class MemoryManager:
 
     def _make_room(self, nbytes: int, requester) -> tuple[bool, TierFull | None]:
         """Swap out victims until `nbytes` more fit: whether they do, and when they do not only because
-        victims could not go to a full disk tier, that failure (waiting would not make the room)."""
-        full, stuck = None, 0
-        for victim in self._victims(requester):
-            if self.used + nbytes <= self.budget:
-                break
-            try:
-                self.swap_out(victim, reason="evict")
-            except TierFull as e:
-                full, stuck = e, stuck + victim.charge
-            except DjinnError:
-                continue  # that one could not move; try the next
-        if self.used + nbytes <= self.budget:
-            return True, None
-        return False, full if full is not None and self.used - stuck + nbytes <= self.budget else None
+        victims could not go to a full disk tier, that failure (waiting would not make the room).
 
-    def _victims(self, requester):
+        Under the room lock the coldest victims that cover the shortfall are claimed (moving: no other
+        requester counts them); their copies run after it is let go, beside other requesters' own.
+        Victims another requester is moving out are not counted: their room is that requester's."""
+        full, stuck, tried = None, 0, set()
+        while True:
+            with self.lock, self.acct:
+                short = self.used + nbytes - self.budget
+                picked = []
+                for v in self._victims(requester):
+                    if short <= 0:
+                        break
+                    if v not in tried:
+                        self._moving.add(v)
+                        picked.append((v, v.pins_taken))
+                        short -= v.charge
+            if not picked:
+                break
+            for i, (v, pins_taken) in enumerate(picked):
+                tried.add(v)
+                try:
+                    self._swap_out_claimed(v, pins_taken, "evict", None)
+                except TierFull as e:
+                    full, stuck = e, stuck + v.charge
+                except DjinnError:
+                    continue  # that one could not move; try the next
+                except BaseException:
+                    with self.acct:  # the victims not reached yet are nobody's to move
+                        for w, _ in picked[i + 1:]:
+                            self._unclaim(w)
+                    raise
+        with self.acct:
+            if self.used + nbytes <= self.budget:
+                return True, None
+            return False, full if full is not None and self.used - stuck + nbytes <= self.budget else None
+
+    def _victims(self, requester):  # holding acct (or reading a snapshot: each may have moved since)
         if not self.swap_enabled:
             return []
         # Whatever is not pinned may go: paused, idle, or queued for the device (it swaps back in once it
-        # holds the device). Only a session computing or being inspected is pinned.
-        cands = [o for o in self.sessions.values()
-                 if o is not requester and o.charge and not o.pins and o.stored is None]
+        # holds the device). Only a session computing or being inspected is pinned; one moving is on its way.
+        cands = [o for o in list(self.sessions.values())
+                 if o is not requester and o.charge and not o.pins and o.stored is None and o not in self._moving]
         return sorted(cands, key=coldness)
 
     # -- swapping -------------------------------------------------------------------------------
     def swap_out(self, s, reason: str = "evict", tier: str | None = None) -> None:
-        """Copy every device tensor of `s` to the host pool (or disk), then free the device storage in place."""
-        with self.lock:
-            with self.acct:
-                if s.stored is not None or s.pins or self.sessions.get(s.id) is not s:
-                    return
-                pins_taken = s.pins_taken
-            storages = _unique_storages(s.swappable_tensors())
-            sizes = [st.nbytes() for st in storages]
-            total = sum(sizes)
-            self._fence(s.device_done)  # what was queued for it is written first
-            t0 = self._timer()
-            stored = None
-            try:
-                if tier != "disk":
-                    stored = self._to_host(storages, sizes, s.charge)
-                if stored is None:
-                    stored = Stored("disk", sizes, s.charge)
-                    with self._on_copy_stream():  # its copies wait for this session's work alone
-                        stored.path = self.disk.write(self.disk.name(s.id, time.monotonic_ns()),
-                                                      [u8(st) for st in storages], total)
-            except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
-                self._sync()  # a copy queued before the failure may still read the storage
-                self.count("failures")
-                err = (TierFull(s.id, self.disk.folder, e) if isinstance(e, OSError) and e.errno in DISK_FULL
-                       else DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}"))
-                self.bus.emit("error", where="swap_out", session=s.id, message=err.message)
-                raise err from None
-            ms = self._elapsed(t0, stored.tier)  # waits for the copies: only then may the storage go
-            with self.acct:
-                if s.pins_taken != pins_taken:  # a forward ran or runs meanwhile: the copy may have missed
-                    self._free(stored)          # what it wrote, and the device copy stays
-                    return
-                room = self.budget - self.used + s.charge  # what the budget leaves once it is out
-                for st in storages:  # every view the paused forward holds stays valid, now without memory
-                    if self.spares:
-                        self.spares.free(st, room)
-                    else:
-                        st.resize_(0)
-                stored.charge = s.charge
-                s.stored, s.charge = stored, 0
-                self._changed()
-            if not self.cuda:
-                ms = self._elapsed(t0)  # on the CPU, giving the pages back is part of the cost
-            self._account("out", s, stored.tier, total, ms, reason)
+        """Copy every device tensor of `s` to the host pool (or disk), then free the device storage in place.
+        Waits for a move of `s` already under way to end; swaps of other sessions run beside it."""
+        with self.acct:
+            while s in self._moving:
+                self.changed.wait()
+            if s.stored is not None or s.pins or self.sessions.get(s.id) is not s:
+                return
+            self._moving.add(s)
+            pins_taken = s.pins_taken
+        self._swap_out_claimed(s, pins_taken, reason, tier)
 
-    def _to_host(self, storages, sizes, charge) -> Stored | None:
+    def _swap_out_claimed(self, s, pins_taken: int, reason: str, tier: str | None) -> None:
+        """The swap-out of `s`, claimed (moving) by the caller with `pins_taken` as it was then; no lock
+        is held through the copy. Gives the claim back however it ends."""
+        try:
+            self._copy_out(s, pins_taken, reason, tier)
+        finally:
+            with self.acct:
+                self._unclaim(s)
+
+    def _copy_out(self, s, pins_taken: int, reason: str, tier: str | None) -> None:
+        storages = _unique_storages(s.swappable_tensors())
+        sizes = [st.nbytes() for st in storages]
+        total = sum(sizes)
+        stream = self._streams.get("out")
+        self._fence(stream, s.device_done)  # what was queued for it is written first
+        t0 = self._timer(stream)
+        stored = None
+        try:
+            if tier != "disk":
+                stored = self._to_host(storages, sizes, s.charge, stream)
+            if stored is None:
+                stored = Stored("disk", sizes, s.charge)
+                with self._on(stream):  # its copies wait for this session's work alone
+                    stored.path = self.disk.write(self.disk.name(s.id, time.monotonic_ns()),
+                                                  [u8(st) for st in storages], total)
+        except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
+            self._sync(stream)  # a copy queued before the failure may still read the storage
+            self.count("failures")
+            err = (TierFull(s.id, self.disk.folder, e) if isinstance(e, OSError) and e.errno in DISK_FULL
+                   else DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}"))
+            self.bus.emit("error", where="swap_out", session=s.id, message=err.message)
+            raise err from None
+        ms = self._elapsed(t0, stream, stored.tier)  # waits for the copies (no lock held): only then may the storage go
+        with self.acct:
+            if s.pins_taken != pins_taken:  # a forward ran or runs meanwhile: the copy may have missed
+                self._free(stored)          # what it wrote, and the device copy stays
+                return
+            room = self.budget - self.used + s.charge  # what the budget leaves once it is out
+            for st in storages:  # every view the paused forward holds stays valid, now without memory
+                if self.spares:
+                    self.spares.free(st, room)
+                else:
+                    st.resize_(0)
+            stored.charge = s.charge
+            s.stored, s.charge = stored, 0
+            self._changed()
+        if not self.cuda:
+            ms = self._elapsed(t0, stream)  # on the CPU, giving the pages back is part of the cost
+        self._account("out", s, stored.tier, total, ms, reason)
+
+    def _to_host(self, storages, sizes, charge, stream) -> Stored | None:
         total = sum(sizes)
         if total > self.host.capacity:  # it could never fit: demoting others would not help
             return None
@@ -345,91 +404,123 @@ class MemoryManager:
             off = self.host.alloc(total)
         if off is None:
             return None
-        dst = self.host.view(off, total)
+        dst = self.host.view(off, total)  # this swap's own range (the pool's lock gave it out)
         try:
-            with self._on_copy_stream():
+            with self._on(stream):
                 pos = 0
                 for st, n in zip(storages, sizes):
                     dst[pos:pos + n].copy_(u8(st), non_blocking=True)
                     pos += n
         except BaseException:
-            self._sync()  # no copy may still write the range once another swap has it
+            self._sync(stream)  # no copy may still write the range once another swap has it
             self.host.release(off, total)
             raise
         return Stored("host", sizes, charge, offset=off)
 
     def _demote_for(self, nbytes: int) -> None:
-        """Move the coldest host-resident sessions to disk until `nbytes` fit in the host pool."""
-        cold = sorted((o for o in self.sessions.values() if o.stored is not None and o.stored.tier == "host"),
-                      key=coldness)
-        for o in cold:
-            if self.host.largest_free() >= nbytes:
-                return
-            st = o.stored
+        """Move the coldest host-resident sessions to disk until `nbytes` fit in the host pool. Each is
+        claimed (moving) through its copy: nobody swaps it in or frees its range meanwhile."""
+        tried = set()
+        while self.host.largest_free() < nbytes:
+            with self.acct:
+                cold = [o for o in self.sessions.values() if o.stored is not None and o.stored.tier == "host"
+                        and o not in self._moving and o not in tried]
+                if not cold:
+                    return
+                o = min(cold, key=coldness)
+                self._moving.add(o)
+                st = o.stored
+            tried.add(o)
             try:
-                t0 = self._timer()
+                t0 = self._timer(None)
                 path = self.disk.write(self.disk.name(o.id, time.monotonic_ns()), [self.host.view(st.offset, st.nbytes)],
                                        st.nbytes)
             except OSError as e:
+                with self.acct:
+                    self._unclaim(o)
                 self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
                 return
+            except BaseException:
+                with self.acct:
+                    self._unclaim(o)
+                raise
             with self.acct:
                 self._free(st)
                 o.stored = Stored("disk", st.sizes, st.charge, path=path)
+                self._unclaim(o)
             self.count("demotions")
-            ms = self._elapsed(t0, "disk")
+            ms = self._elapsed(t0, None, "disk")
             self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
                           gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
 
     def swap_in(self, s, reason: str = "demand", make_room: bool = True, timeout: float = ROOM_WAIT_S) -> None:
-        """Bring `s` back to the device, making room first (see `reserve`); the storages are restored in place."""
-        stored = s.stored
-        if stored is None:
-            return
-        need = stored.charge
-        # kept memory of these sizes, set aside first: the charge below would trim it away
-        blocks = [self.spares.take(n) if self.spares else None for n in stored.sizes]
-        try:
-            self.reserve(s, need, timeout=timeout, make_room=make_room)
-        except BaseException:
-            self._keep(blocks)
-            raise
-        with self.lock:
+        """Bring `s` back to the device, making room first (see `reserve`); the storages are restored in place.
+        Claims `s` (moving) once its charge is reserved, after any move of it under way has ended."""
+        while True:
             stored = s.stored
-            if stored is None or self.sessions.get(s.id) is not s:  # brought back (or closed) meanwhile
-                self.release(s, need)
-                self._keep(blocks)
+            if stored is None:
                 return
-            storages = _unique_storages(s.swappable_tensors())
+            need = stored.charge
+            # kept memory of these sizes, set aside first: the charge below would trim it away
+            blocks = [self.spares.take(n) if self.spares else None for n in stored.sizes]
             try:
-                for st, n, block in zip(storages, stored.sizes, blocks):
-                    Spares.restore(st, n, block)  # fresh memory where no block was kept (always on CUDA)
-                # after the allocation: the blocks may have been freed by kernels still queued there
-                self._fence(None)
-                t0 = self._timer()
-                if stored.tier == "host":
-                    src = self.host.view(stored.offset, stored.nbytes)
-                    with self._on_copy_stream():
-                        pos = 0
-                        for st, n in zip(storages, stored.sizes):
-                            u8(st).copy_(src[pos:pos + n], non_blocking=True)
-                            pos += n
-                else:
-                    with self._on_copy_stream():
-                        self.disk.read(stored.path, [u8(st) for st in storages])
-            except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
-                self._sync()  # a copy queued before the failure may still write the storage
-                for st in storages:
-                    st.resize_(0)
-                self.release(s, need)
-                self.count("failures")
-                self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
-                raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None
-            ms = self._elapsed(t0, stored.tier)
+                self.reserve(s, need, timeout=timeout, make_room=make_room)
+            except BaseException:
+                self._keep(blocks)
+                raise
             with self.acct:
-                self._drop_stored(s)
-                self._changed()
-            self._account("in", s, stored.tier, stored.nbytes, ms, reason)
+                while s in self._moving:  # (demoted to disk, or brought back by another, meanwhile)
+                    self.changed.wait()
+                stored = s.stored
+                same = stored is not None and stored.charge == need and self.sessions.get(s.id) is s
+                if same:
+                    self._moving.add(s)
+                else:  # brought back (or closed) meanwhile, or swapped in and out again at another size
+                    s.charge = max(0, s.charge - need)
+                    self._changed()
+            if same:
+                break
+            self._keep(blocks)
+            if stored is None or self.sessions.get(s.id) is not s:
+                return
+        try:
+            self._copy_in(s, stored, need, blocks, reason)
+        finally:
+            with self.acct:
+                self._unclaim(s)
+
+    def _copy_in(self, s, stored: Stored, need: int, blocks, reason: str) -> None:
+        storages = _unique_storages(s.swappable_tensors())
+        stream = self._streams.get("in")
+        try:
+            for st, n, block in zip(storages, stored.sizes, blocks):
+                Spares.restore(st, n, block)  # fresh memory where no block was kept (always on CUDA)
+            # after the allocation: the blocks may have been freed by kernels still queued there
+            self._fence(stream, None)
+            t0 = self._timer(stream)
+            if stored.tier == "host":
+                src = self.host.view(stored.offset, stored.nbytes)  # its own range while it moves
+                with self._on(stream):
+                    pos = 0
+                    for st, n in zip(storages, stored.sizes):
+                        u8(st).copy_(src[pos:pos + n], non_blocking=True)
+                        pos += n
+            else:
+                with self._on(stream):
+                    self.disk.read(stored.path, [u8(st) for st in storages])
+        except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
+            self._sync(stream)  # a copy queued before the failure may still write the storage
+            for st in storages:
+                st.resize_(0)
+            self.release(s, need)
+            self.count("failures")
+            self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
+            raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None
+        ms = self._elapsed(t0, stream, stored.tier)  # no lock held while it waits for the copy
+        with self.acct:
+            self._drop_stored(s)
+            self._changed()
+        self._account("in", s, stored.tier, stored.nbytes, ms, reason)
 
     def _keep(self, blocks) -> None:
         """Blocks a swap-in set aside and did not use go back to the spares, as far as the budget allows."""
@@ -463,39 +554,40 @@ class MemoryManager:
         self.bus.emit(f"swap_{direction}", session=s.id, tier=tier, bytes=nbytes, ms=round(ms, 3), gbps=gbps, reason=reason)
 
     # -- timing and streams ----------------------------------------------------------------------
-    def _on_copy_stream(self):
-        return torch.cuda.stream(self._stream) if self.cuda else _Null()
+    # `stream`: the copy stream of a swap's direction on CUDA, None on the CPU (and for disk demotions).
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else _Null()
 
-    def _fence(self, event) -> None:
+    def _fence(self, stream, event) -> None:
         """Make the copy stream wait for `event`, or with None for all work queued on the stream that
         allocates (this thread's current one: the default, as the forwards run)."""
-        if not self.cuda:
+        if stream is None:
             return
         if event is None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
-            self._stream.wait_event(event)
+            stream.wait_event(event)
 
-    def _sync(self) -> None:
-        if self.cuda:
-            self._stream.synchronize()
+    def _sync(self, stream) -> None:
+        if stream is not None:
+            stream.synchronize()
 
-    def _timer(self):
+    def _timer(self, stream):
         """Start a timing: wall clock always; on a GPU a CUDA event on the copy stream (after its
         fence) marks the start, so the figure is the copy alone."""
         ev = None
-        if self.cuda:
+        if stream is not None:
             ev = torch.cuda.Event(enable_timing=True, blocking=True)
-            ev.record(self._stream)
+            ev.record(stream)
         return time.perf_counter(), ev
 
-    def _elapsed(self, t0, tier: str = "host") -> float:
+    def _elapsed(self, t0, stream, tier: str = "host") -> float:
         """Wait for the copies and return milliseconds: CUDA events time host-pool copies on a GPU,
-        the wall clock everything else (disk I/O, and all of it on the CPU)."""
+        the wall clock everything else (disk I/O, and all of it on the CPU). Called with no lock held."""
         wall, ev = t0
         if ev is not None:
             end = torch.cuda.Event(enable_timing=True, blocking=True)  # the host sleeps, not spins, on it
-            end.record(self._stream)
+            end.record(stream)
             end.synchronize()
             if tier == "host":
                 return ev.elapsed_time(end)

@@ -25,14 +25,19 @@ def run_bench(script: str, *args: str) -> str:
 
 
 def test_swap_bench_round_trips_real_sessions_intact_on_both_tiers(tmp_path):
-    out = run_bench("bench/swap.py", "--sizes", "1,4", "--reps", "1", "--disk", "--json", str(tmp_path / "swap.json"))
+    out = run_bench("bench/swap.py", "--sizes", "1,4", "--reps", "1", "--disk", "--concurrent", "4",
+                    "--json", str(tmp_path / "swap.json"))
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 MiB", "4 MiB"))]
     assert len(rows) == 4 and all(r[-1] == "yes" for r in rows), out  # host and disk tier, each size intact
+    # two 4 MiB sessions swapped out at once vs one, beside two raw copies at once: figures, no timing asserted
+    assert "two at once" in out and "(intact)" in out and "physical limit: one raw copy" in out, out
+    assert "concurrent goal (two 4 MiB swap-outs at once < 1.6x one)" in out, out
 
 
 def test_swap_bench_sizes_sessions_in_tokens_of_the_model_loaded():
     # 100 and 1000 tokens of tiny-llama (4,096 B a token): not whole MiB, so the pattern's tail is checked too
-    out = run_bench("bench/swap.py", "--model", "tiny-llama", "--tokens", "100,1000", "--reps", "1", "--disk")
+    out = run_bench("bench/swap.py", "--model", "tiny-llama", "--tokens", "100,1000", "--reps", "1", "--disk",
+                    "--concurrent", "0")
     assert "1000 tokens of tiny-llama: 4,096,000 B" in out, out
     rows = [r for r in (line.split() for line in out.splitlines()) if r[:2] in (["100", "tok"], ["1000", "tok"])]
     assert len(rows) == 4 and all(r[-1] == "yes" for r in rows), out  # host and disk tier, each session intact
