@@ -83,7 +83,9 @@ def session_list(socket: str = SocketOpt, as_json: bool = JsonOpt):
     for s in rows:
         layer = "" if s["layer"] is None else s["layer"]
         nbytes = s["device_bytes"] or s["host_bytes"] or s["disk_bytes"]
-        typer.echo(f"{s['id']:>4} {s['state']:8} {layer:>5} {s['location']:6} {format_size(nbytes):>10} {s['qos']:12} {s['swaps']}")
+        restored = "  restored" if s.get("restored") else ""  # by a restart, until its first forward since
+        typer.echo(f"{s['id']:>4} {s['state']:8} {layer:>5} {s['location']:6} {format_size(nbytes):>10} {s['qos']:12} "
+                   f"{s['swaps']}{restored}")
 
 
 @session_app.command("show")

@@ -130,6 +130,8 @@ def test_sigterm_restart_restores_and_a_closed_session_stays_closed(make_daemon)
         before = state(c)
     assert d.stop() == 0
     d2 = make_daemon("--device", "cpu", folder=d.folder)
+    listed = d2.run("djinn", "session", "list")
+    assert listed.returncode == 0 and listed.stdout.count("restored") == 2, listed.stdout
     with d2.client() as c:
         assert state(c) == before and sorted(before) == [a, b]
         assert c.resume(b) is None and c.session(b)["layer"] == 5  # its breakpoints came back too
