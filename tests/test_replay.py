@@ -99,9 +99,11 @@ async def test_replay_of_exp3_moves_the_plot_and_the_tables_with_the_cursor(exp3
         rows, lines, later2 = check(app)
         assert later2 > later
 
-        await pilot.press("right_square_bracket", "right_square_bracket")
+        # the third swap, from the start (how many swaps lie past the steps above depends on the run's timing)
+        assert len(r.swap_times) >= 3
+        await pilot.press("home", *["right_square_bracket"] * 3)
         rows, lines, _ = check(app)
-        assert len(lines) >= 3 and r.t0 + r.cursor == lines[-1]["mono_ns"]
+        assert len(lines) == 3 and r.t0 + r.cursor == lines[-1]["mono_ns"]
 
         await pilot.press("left_square_bracket")  # back one swap: the state is built again from the start
         rows, back, _ = check(app)
