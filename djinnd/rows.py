@@ -4,9 +4,10 @@ A decode step reads every weight once whatever the number of rows, so the steps 
 device at the same moment share a forward (scheduler.DeviceLock.join picks them). Their keys and
 values stay in each session's slab: the batch's cache writes row b's new key and value into
 session b's slab and hands the attention function per-row views of the slabs (no gather), and
-the function registered below attends each row to its own (one SDPA call a row; a sliding-window
-layer sees its last W keys, as the model's mask shows them to an unbatched step). Any other
-forward goes to the model's own attention function unchanged.
+the function registered below attends each row to its own (a sliding-window layer sees its last W
+keys, as the model's mask shows them to an unbatched step). On the CPU in float32 one call of the
+compiled kernel (djinnd/csrc/rows_attention.cpp) does every row; elsewhere, or where it was not
+built, one SDPA call a row. Any other forward goes to the model's own attention function unchanged.
 
 `probe` checks at load that a model's batched step equals its unbatched one; a family whose
 attention does not go through transformers' AttentionInterface is served one row at a time.
@@ -19,6 +20,11 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
+
+try:
+    from djinnd._rows_attention import rows_attention as _kernel
+except ImportError:  # not built (no compiler at install): one SDPA call a row
+    _kernel = None
 
 
 class _Rows:
@@ -78,6 +84,9 @@ def _attend_rows(query, rows: _Rows, scaling, sliding_window, base, module, kwar
     i = 2 * rows.layer
     kvh = rows.kv[0][i].shape[1]
     exact = base is not sdpa_attention_forward or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if not exact and _kernel is not None and query.device.type == "cpu" and query.dtype == torch.float32:
+        scale = D ** -0.5 if scaling is None else scaling
+        return _kernel(query, [kv[i] for kv in rows.kv], [kv[i + 1] for kv in rows.kv], scale, sliding_window or 0), None
     outs = []
     for b, (q, kv) in enumerate(zip(query.reshape(B, kvh, H // kvh, D).split(1), rows.kv)):
         k, v = kv[i], kv[i + 1]
