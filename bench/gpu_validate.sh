@@ -7,7 +7,13 @@
 # Steps: env (device, driver, versions), wheels (carried .whl/*.whl, if any), tests (pytest -m gpu),
 # swap (bench/swap.py --device cuda --disk), exp3 (djinn scenario run exp3 --headless, CUDA
 # defaults), baseline (the same with baseline=hold-all). A failed step does not stop the next;
-# each step's exit code and seconds go to $OUT/steps.txt.
+# each step's exit code and seconds go to $OUT/steps.txt. Not in the default list: drift (issue 24's
+# two daemon tests alone, which `tests` runs too: `bash bench/gpu_validate.sh drift` for a rerun).
+#
+# Issue 24: every CUDA sample compares the daemon's books with the allocator (drift = allocated -
+# load baseline - books, an error over max(64 MiB, 1% of the budget)); exp3's plateau verdict is the
+# device's. $OUT/drift.json gathers the figures: the two daemon tests' (tests/test_gpu.py writes
+# them under $DJINN_GPU_FIGURES) and exp3's device figures and verdicts on the 13B model.
 #
 # Both exp3 runs take the budget of the experiment's own card, an 80 GB H100 (the daemon's default
 # there: 0.9 x 79.6 GiB), so that a larger card reproduces it: the lent H200 (139 GiB) would hold
@@ -17,7 +23,7 @@
 # At most 8 files come back from $OUT, so the scenario folders are written under /tmp and come
 # back as one runs.tar.gz, with results.json and vram.csv also copied flat beside it:
 #   steps.txt  validate.log  swap.json  exp3.results.json  exp3.vram.csv
-#   exp3-baseline.results.json  runs.tar.gz
+#   exp3-baseline.results.json  drift.json  runs.tar.gz
 # The whole script keeps within GV_BUDGET seconds (default 540: a command may run 10 minutes).
 set -u
 
@@ -25,7 +31,8 @@ OUT=${OUT:-$PWD/gpu-out}
 BUDGET=${GV_BUDGET:-540}
 RUNS=/tmp/gv-runs
 export PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS/logs"
+mkdir -p "$OUT" "$RUNS/logs" "$RUNS/figures"
+export DJINN_GPU_FIGURES=$RUNS/figures  # issue 24's tests write their figures here
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DJINN_SOCKET=/tmp/gv-nodaemon/djinnd.sock  # nothing listens: each scenario starts its private daemon
@@ -111,7 +118,8 @@ gpu_procs() { nvidia-smi --query-compute-apps=pid,process_name,used_memory --for
 log "gpu_validate: steps ${STEPS[*]}, time budget ${BUDGET}s, exp3 budget $EXP3_BUDGET, OUT=$OUT, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 step env 30 env_info
 step wheels 90 wheels
-step tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
+step tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests
+step drift 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "keeps_its_books or judges_its_plateau"
 step swap 120 "$PY" bench/swap.py --device cuda --disk --json "$OUT/swap.json"
 step exp3 270 "$PY" -m scenarios.cli run exp3 --headless --set budget="$EXP3_BUDGET" --output "$RUNS/exp3"
 wanted baseline && gpu_procs | tee -a "$OUT/validate.log"  # memory a leftover daemon would still hold
@@ -122,6 +130,29 @@ for run in exp3 exp3-baseline; do
     [ -f "$RUNS/$run/results.json" ] && cp "$RUNS/$run/results.json" "$OUT/$run.results.json"
 done
 [ -f "$RUNS/exp3/vram.csv" ] && cp "$RUNS/exp3/vram.csv" "$OUT/exp3.vram.csv"
+drift_summary() {  # issue 24's figures in one file: the tests' and exp3's (whichever ran)
+    "$PY" - "$RUNS" "$OUT/drift.json" <<'EOF'
+import csv, json, pathlib, sys
+runs, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+summary = {"tests": {f.stem: json.loads(f.read_text()) for f in sorted((runs / "figures").glob("*.json"))}}
+res = runs / "exp3" / "results.json"
+if res.is_file():
+    r = json.loads(res.read_text())
+    vs = r.get("vram_stats") or {}
+    summary["exp3"] = {"status": r.get("status"), "model": (r.get("model") or {}).get("name"),
+                       "budget_bytes": vs.get("budget_bytes"), "plateau_source": vs.get("plateau_source"),
+                       "device": vs.get("device"), "books_peak_bytes": vs.get("max_bytes"),
+                       "criteria": {c["id"]: {"ok": c["ok"], "measured": c["measured"]} for c in r.get("criteria") or []}}
+    table = runs / "exp3" / "vram.csv"
+    rows = list(csv.DictReader(table.open())) if table.is_file() else []
+    summary["exp3"]["vram_csv"] = {"columns": list(rows[0]) if rows else [], "rows": len(rows),
+                                   "rows_over_drift_limit": sum(1 for x in rows if x.get("drift") and x.get("drift_limit")
+                                                                and int(x["drift"]) > int(x["drift_limit"]))}
+out.write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps({k: v for k, v in summary.get("exp3", {}).items() if k != "criteria"}, indent=1)[:3000])
+EOF
+}
+drift_summary 2>&1 | tee -a "$OUT/validate.log"
 tar -C "$RUNS" -czf "$OUT/runs.tar.gz" . 2>&1 | tail -3
 log "done in $((SECONDS - START)) s"
 cat "$OUT/steps.txt"

@@ -89,6 +89,8 @@ class MemoryManager:
         self.latencies = deque(maxlen=10000)  # (direction, ms, gbps)
         self._streams = {"out": torch.cuda.Stream(device), "in": torch.cuda.Stream(device)} if self.cuda else {}
         self.spares = None if self.cuda else Spares()  # CUDA's caching allocator keeps freed blocks itself
+        # CUDA: what the allocator holds beyond the books before any session (telemetry's drift check)
+        self.device_baseline = torch.cuda.memory_allocated(device) - self.fixed if self.cuda else 0
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -115,7 +117,7 @@ class MemoryManager:
         """What the CUDA allocator itself reports, beside the books (nothing on the CPU)."""
         if not self.cuda:
             return {}
-        return {"allocated_bytes": torch.cuda.memory_allocated(self.device),
+        return {"allocated_bytes": torch.cuda.memory_allocated(self.device), "baseline_bytes": self.device_baseline,
                 "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
                 "reserved_bytes": torch.cuda.memory_reserved(self.device),
                 "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}

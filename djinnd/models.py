@@ -8,15 +8,20 @@ needs on the loaded model (djinnd/anatomy.py), and refuses at load a model it wo
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import pathlib
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from . import anatomy, checkpoints, presets, rows
-from .charges import GRANULE, GROWTH, HELD_PER_TOKEN
+from .charges import GRANULE, GROWTH, HELD_PER_TOKEN, held_bytes
+
+log = logging.getLogger("djinnd.models")
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -39,6 +44,11 @@ class LoadedModel:
     weights_bytes: int
     load_seconds: float = 0.0
     batch_error: str | None = None  # why decode steps of several sessions cannot share a forward (rows.probe)
+    # what a paused forward holds beyond its KV and the HELD_PER_TOKEN hidden vectors, measured at load
+    # (held_probe): bytes per token (rotary cos/sin, ids, position embeddings) and per (query, key) pair
+    # of the forward (attention masks: [1, 1, T, past + T] each)
+    extra_bytes_per_token: int = 0
+    mask_bytes_per_token_pair: int = 0
 
     @property
     def family(self) -> str:
@@ -80,8 +90,14 @@ class LoadedModel:
 
     @property
     def activation_bytes_per_token(self) -> int:
-        """What a paused forward holds per token beside its KV (charges.HELD_PER_TOKEN hidden vectors)."""
-        return HELD_PER_TOKEN * self.hidden_size * self.dtype.itemsize
+        """What a paused forward holds per token beside its KV: charges.HELD_PER_TOKEN hidden vectors
+        (embeddings, layer input, output) and what the load's probe found beside them (rotary tables,
+        token and position ids, a position embedding)."""
+        return HELD_PER_TOKEN * self.hidden_size * self.dtype.itemsize + self.extra_bytes_per_token
+
+    def held_bytes(self, tokens: int, past: int = 0) -> int:
+        """What a forward over `tokens` new tokens, after `past` in its KV, holds at a pause beside its KV."""
+        return held_bytes(tokens, self.activation_bytes_per_token, self.mask_bytes_per_token_pair, past)
 
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """The last position's logits of one forward over ``ids`` [1, n] that extends the KV ``cache``."""
@@ -156,6 +172,7 @@ class LoadedModel:
             "batching": self.batch_error is None,
             # the charging rules (djinnd/charges.py), so that clients' capacity math is the daemon's
             "activation_bytes_per_token": self.activation_bytes_per_token,
+            "mask_bytes_per_token_pair": self.mask_bytes_per_token_pair,
             "kv_granule_tokens": GRANULE, "slab_growth": GROWTH,
         }
 
@@ -234,6 +251,7 @@ def _wrap(name: str, path: str, model, tokenizer, device: torch.device, t0: floa
     lm = LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=device,
                      dtype=next(model.parameters()).dtype, parts=anatomy.find(model), weights_bytes=_tensor_bytes(model))
     lm.batch_error = rows.probe(lm)
+    lm.extra_bytes_per_token, lm.mask_bytes_per_token_pair = held_probe(lm)
     lm.load_seconds = time.monotonic() - t0
     return lm
 
@@ -271,3 +289,108 @@ def load_model(name_or_path: str = presets.TINY, device: str | torch.device = "a
         known = ", ".join(presets.NAMES)
         raise ValueError(f"unknown model {name!r} (known: {known}, a checkpoint folder or a .gguf file)") from e
     return _wrap(name, "", model, tokenizer, device, t0)
+
+
+# --------------------------------------------------------------------------- what a paused forward holds
+
+PROBE_SHAPES = ((16, 0), (32, 0), (48, 0), (32, 16))  # (new tokens, tokens already in the KV)
+
+
+def held_probe(lm: LoadedModel) -> tuple[int, int]:
+    """Bytes per token and per (query, key) pair that a forward paused after a decoder layer holds
+    beyond its KV and the HELD_PER_TOKEN hidden vectors the books already charge.
+
+    Measured, since it depends on the family and its attention: a hook on the first and the last
+    decoder layer walks the Python frames of the forward (the runtime pauses in such a hook, so these
+    frames are what a paused forward keeps alive) and adds up the storages of every tensor they hold
+    that is not a weight, not the KV slab and not one of the three charged vectors. Found on
+    transformers 5.24: the rotary cos/sin ([1, T, head_dim] each), the input and position ids
+    (int64), GPT-2's position embeddings ([1, T, hidden]); an eager family's float masks
+    ([1, 1, T, past + T], Gemma-2 two: full and sliding); SDPA's boolean mask, which it skips for a
+    causal prefill with an empty KV but builds when the forward extends one (or a sliding window
+    cuts in). The fit takes the larger mask figure of the two cases, so charges stay conservative,
+    and is checked to cover every probe."""
+    try:
+        seen = {shape: _held_extra(lm, *shape) for shape in PROBE_SHAPES}
+    except Exception as e:  # noqa: BLE001 - never fatal: a conservative rule stands in
+        log.warning("held-activation probe failed (%s: %s); charging a conservative estimate", type(e).__name__, e)
+        item = lm.dtype.itemsize
+        return 2 * lm.head_dim * item + 16 + lm.hidden_size * item, 2 * item
+    (t1, _), (t2, _), (t3, _), (tp, past) = PROBE_SHAPES
+    y1, y2, y3, yp = (seen[s] for s in PROBE_SHAPES)
+    s12, s23 = (y2 - y1) / (t2 - t1), (y3 - y2) / (t3 - t2)
+    c0 = max(0.0, (s23 - s12) / (t3 - t1))  # a prefill's mask: quadratic in its tokens
+    per_token = max(0.0, s23 - c0 * (t2 + t3))
+    c1 = max(0.0, (yp - per_token * tp) / (tp * (past + tp)))  # a mask when the forward extends a KV
+    per_token, mask = math.ceil(per_token), math.ceil(max(c0, c1))
+    for (t, p), y in seen.items():  # a constant term, or a mask on one side only: cover every probe
+        short = y - held_bytes(t, per_token, mask, p)
+        if short > 0:
+            per_token += -(-short // t)
+    return per_token, mask
+
+
+def _held_extra(lm: LoadedModel, tokens: int, past: int) -> int:
+    """The extra bytes (see held_probe) of one forward of `tokens` after `past`, the most of two layers."""
+    cache = lm.new_cache()
+    cache.grow(cache.capacity_for(past + tokens))
+    found: dict[int, int] = {}
+    embeds: list = []
+    here = sys._getframe()
+
+    def on_embed(module, args, output):
+        embeds.append(output)
+
+    def on_layer(index, module, args, kwargs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        layer_input = args[0] if args else kwargs.get("hidden_states")
+        charged = [t for t in (hidden, layer_input, *embeds[-1:]) if isinstance(t, torch.Tensor)]
+        skip = {_storage_key(t) for t in charged} | {_storage_key(cache.slab)}
+        skip |= {_storage_key(t) for t in (*lm.model.parameters(), *lm.model.buffers())}
+        total, counted = 0, set()
+        f = sys._getframe(1)
+        while f is not None and f is not here:
+            for value in list(f.f_locals.values()):
+                for t in _tensors(value, 3):
+                    key = _storage_key(t)
+                    if key not in skip and key not in counted:
+                        counted.add(key)
+                        total += t.untyped_storage().nbytes()
+            f = f.f_back
+        found[index] = total
+
+    ids = torch.arange(3, 3 + past + tokens, device=lm.device).remainder(lm.vocab_size).unsqueeze(0)
+    layers = lm.decoder_layers()
+    with torch.inference_mode():
+        if past:
+            lm.forward(ids[:, :past], cache.cache)
+        hooks = [lm.embed().register_forward_hook(on_embed)]
+        try:
+            for i in sorted({0, len(layers) - 1}):
+                hooks.append(layers[i].register_forward_hook(lambda *a, i=i, **k: on_layer(i, *a, **k), with_kwargs=True))
+            lm.forward(ids[:, past:].clone(), cache.cache)  # its own storage, as the runtime's ids have
+        finally:
+            for h in hooks:
+                h.remove()
+    if not found:
+        raise RuntimeError("the layer hooks did not run")
+    return max(found.values())
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    st = t.untyped_storage()
+    return (st.device.type, st.device.index, st.data_ptr())
+
+
+def _tensors(value, depth: int):
+    """The tensors in a frame's local: itself, or inside containers and model outputs `depth` deep
+    (modules are skipped: their tensors are the weights)."""
+    if isinstance(value, torch.Tensor):
+        if value.untyped_storage().nbytes():
+            yield value
+    elif depth and isinstance(value, dict):
+        for v in list(value.values()):
+            yield from _tensors(v, depth - 1)
+    elif depth and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v, depth - 1)

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from . import devicecosts
-from .charges import capacity_for, held_bytes
+from .charges import capacity_for
 from .memory import ROOM_WAIT_S, MemoryManager, RoomHeld
 from .prefetch import Prefetcher
 from .protocol import DjinnError
@@ -568,7 +568,7 @@ class Runtime:
             waking, s.waking = s.waking, False
             self.device_lock.acquire(s.qos, short=not s.long_segment, waking=waking)
             self.prefetch.computing(s)
-            self._enter(s, n, self._forward_bytes(n))
+            self._enter(s, n, self._forward_bytes(n, start_len))
             s.touch()
             with torch.inference_mode():  # no autograd bookkeeping per op: a tiny-llama step 12% faster than no_grad
                 logits = self.lm.forward(torch.tensor([s.pending[:n]], device=self.lm.device), s.cache.cache)
@@ -665,13 +665,14 @@ class Runtime:
         """Each row's part of a batched decode step's activations (on CUDA its temporaries)."""
         return -(-self._forward_bytes(rows) // rows)
 
-    def _act_bytes(self, tokens: int) -> int:
-        """What a forward over `tokens` new tokens holds at a pause: embeddings, layer input, layer output."""
-        return held_bytes(tokens, self.lm.activation_bytes_per_token)
+    def _act_bytes(self, tokens: int, past: int = 0) -> int:
+        """What a forward over `tokens` new tokens after `past` holds at a pause: embeddings, layer input,
+        layer output, and what the load's probe found beside them (rotary tables, ids, masks)."""
+        return self.lm.held_bytes(tokens, past)
 
-    def _forward_bytes(self, tokens: int) -> int:
+    def _forward_bytes(self, tokens: int, past: int = 0) -> int:
         """What it holds beside its KV while it computes: on CUDA also the temporaries measured at load."""
-        return max(self._act_bytes(tokens), self.costs.work_bytes(tokens))
+        return max(self._act_bytes(tokens, past), self.costs.work_bytes(tokens))
 
     def _take_thread(self, make_room: bool = True) -> bool:
         """Charge a cuBLAS workspace when this thread's forward makes more compute threads alive at once
@@ -761,7 +762,8 @@ class Runtime:
 
     def _pause(self, s: Session, index: int) -> None:
         """Give up the device and wait for resume (or close); come back resident, holding the device."""
-        temps = s.act_charge - self._act_bytes(len(s.pending))  # the layers' temporaries are gone while paused
+        n = len(s.pending)  # (the first layer has put them in the KV: what it held before is the past)
+        temps = s.act_charge - self._act_bytes(n, s.cache.seq_len - n)  # the layers' temporaries are gone while paused
         self.mem.release(s, temps)
         s.act_charge -= temps
         self._unpin_forward(s)

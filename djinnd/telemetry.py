@@ -15,6 +15,30 @@ import psutil
 
 log = logging.getLogger("djinnd.telemetry")
 
+# The books against the device (CUDA). Like with like: the allocator's `memory_allocated` holds the
+# weights, the cuBLAS workspaces and every session's slab and held tensors, as the books do, and
+# besides them whatever it held at load that the books do not name (`MemoryManager.device_baseline`,
+# measured before the first session: tensors of other code in the process, the rounding of the
+# weights' blocks). Not compared: `memory_reserved` (it adds the caching allocator's free blocks)
+# and NVML's used bytes (they add the CUDA context, memory outside torch's allocator and other
+# processes); both are reported beside.
+#
+#   drift = (allocated - baseline) - ledger
+#
+# Positive: the device holds more than the books charge, so the budget no longer bounds it. That is
+# the error. Negative drift is expected and not one: the books charge a forward's peak temporaries
+# and a slab's growth before they are allocated, so while a forward computes they run ahead of the
+# allocator by up to that. The limit: DRIFT_FLOOR, or DRIFT_FRACTION of the budget when that is more.
+# Under it lies what the books cannot see, the allocator's rounding: a block of the large pool may be
+# handed out unsplit, up to 1 MiB over the tensor, for each of the few tensors of each resident session.
+DRIFT_FLOOR = 64 << 20
+DRIFT_FRACTION = 0.01
+
+
+def drift_limit(budget: int) -> int:
+    """The positive drift of the books against the allocator beyond which a sample is an error."""
+    return max(DRIFT_FLOOR, int(budget * DRIFT_FRACTION))
+
 
 _second = (None, "")  # the last whole second, formatted: events come thousands a second
 
@@ -154,7 +178,12 @@ class FileSink:
 
 
 class Sampler:
-    """Samples memory, decode batching and the daemon's own load at `hz`, emitting `vram` events."""
+    """Samples memory, decode batching and the daemon's own load at `hz`, emitting `vram` events.
+
+    On CUDA each sample also compares the books with the allocator (see `drift_limit`): a drift over
+    the limit is one `error` event (where `ledger_drift`) when it begins, not one per sample; it ends
+    once the drift is back under half the limit, and the next one is an error again.
+    """
 
     def __init__(self, bus: EventBus, memory, device, hz: float = 10.0, scheduler=None):
         self.bus, self.memory, self.device, self.period = bus, memory, device, 1.0 / hz
@@ -165,6 +194,9 @@ class Sampler:
         self._slow: dict = {}  # process and NVML figures, refreshed at most 10 times a second
         self._slow_at = 0.0
         self._nvml = self._nvml_handle() if device.type == "cuda" else None
+        self._nvml0 = None  # (NVML used, allocator reserved) at the first NVML read: nvml_drift_bytes
+        self.drifting = False  # a drift episode is on: its error event was emitted
+        self.drift_episodes = 0
         self._thread = threading.Thread(target=self._run, name="djinn-sampler", daemon=True)
 
     def start(self):
@@ -195,22 +227,64 @@ class Sampler:
             b = self.scheduler.batches
             fields["decode_forwards"], fields["decode_rows"] = b["forwards"], b["rows"]
         if self.device.type == "cuda":
-            import torch
-            fields["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            fields["reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            fields.update(self._device_figures(m))
         now = time.monotonic()
         if now - self._slow_at >= 0.1:
             self._slow_at, self._slow = now, self._slow_figures()
         fields.update(self._slow)
         return fields
 
+    def _device_figures(self, m: dict) -> dict:
+        """The allocator's figures beside the books', and the drift between them (CUDA only).
+
+        The books are read before the allocator (in `figures`) and again after, and the larger is
+        compared: a charge taken before its allocation, or given back after its free, between the two
+        reads would otherwise look like drift."""
+        import torch
+        allocated = m.get("allocated_bytes")
+        if allocated is None:
+            allocated = torch.cuda.memory_allocated(self.device)
+        reserved = m.get("reserved_bytes")
+        if reserved is None:
+            reserved = torch.cuda.memory_reserved(self.device)
+        ledger = max(m["device_bytes"], self.memory.used)
+        baseline = int(getattr(self.memory, "device_baseline", 0) or 0)
+        drift = allocated - baseline - ledger
+        limit = drift_limit(m["budget_bytes"])
+        out = {"allocated_bytes": allocated, "reserved_bytes": reserved, "ledger_bytes": ledger,
+               "device_used_bytes": allocated - baseline, "drift_bytes": drift, "drift_limit_bytes": limit}
+        self._check_drift(out)
+        return out
+
+    def _check_drift(self, f: dict) -> None:
+        drift, limit = f["drift_bytes"], f["drift_limit_bytes"]
+        if drift > limit and not self.drifting:
+            self.drifting = True
+            self.drift_episodes += 1
+            mib = 1 << 20
+            self.bus.emit("error", where="ledger_drift", drift_bytes=drift, limit_bytes=limit,
+                          allocated_bytes=f["allocated_bytes"], ledger_bytes=f["ledger_bytes"],
+                          message=f"the device holds {drift / mib:.1f} MiB more than the books charge "
+                                  f"(allocator {f['device_used_bytes'] / mib:.1f} MiB net of its load baseline, "
+                                  f"books {f['ledger_bytes'] / mib:.1f} MiB; limit {limit / mib:.0f} MiB)")
+        elif self.drifting and drift <= limit // 2:
+            self.drifting = False
+
     def _slow_figures(self) -> dict:
         out = {"rss_bytes": self._proc.memory_info().rss, "cpu_percent": self._proc.cpu_percent(None)}
         if self._nvml is not None:
             try:
                 import pynvml
-                out["nvml_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+                import torch
+                used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+                reserved = torch.cuda.memory_reserved(self.device)
+                out["nvml_used_bytes"] = used
                 out["gpu_util"] = pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu
+                if self._nvml0 is None:
+                    self._nvml0 = (used, reserved)
+                # what the device gave out since the first read beyond the allocator's own growth:
+                # memory outside torch's allocator, or another process's (informational, not checked)
+                out["nvml_drift_bytes"] = (used - self._nvml0[0]) - (reserved - self._nvml0[1])
             except Exception:  # noqa: BLE001 - a flaky NVML read just leaves the figure out
                 pass
         return out

@@ -125,14 +125,23 @@ def run(ctx, p: dict):
     tops = [x for x in (vs["max_bytes"], max((e["used_bytes"] for e in progression), default=None)) if x is not None]
     peak = max(tops) if tops else None
     vs["max_bytes"] = peak
-    device_peak = vs["allocator_peak_bytes"]  # on CUDA the device's own figure must keep under it too
+    device = device_figures(samples, vs, ctx.log.of_type("error", since_ns=t0_ns))
+    if device is None:  # the CPU: the books are the figure (nothing else reports what sessions hold)
+        plateau = crit(ctx, "peak_under_budget", f"peak {fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})",
+                       peak is not None and peak <= budget)
+    else:  # CUDA: what the device reports decides, the books beside
+        vs["device"] = device
+        vs["plateau_source"] = "device"
+        dpeak = device["peak_bytes"]
+        plateau = crit(ctx, "peak_under_budget",
+                       f"device peak {fmt(dpeak)} vs budget {format_size(budget)} (the allocator's allocated bytes: "
+                       f"its peak counter and {device['samples']} samples); the books' peak {fmt(peak)}; "
+                       f"reserved peak {fmt(device['peak_reserved_bytes'])}, NVML used peak {fmt(device['peak_nvml_used_bytes'])}",
+                       dpeak is not None and dpeak <= budget and peak is not None and peak <= budget)
     criteria = [
         crit(ctx, "all_complete", f"{completed} of {n} completed" + (f"; {reasons[0]}" if reasons else ""),
               completed == n),
-        crit(ctx, "peak_under_budget", f"peak {fmt(peak)} vs budget {format_size(budget)} ({vs['max_source']})"
-              + (f"; the CUDA allocator's peak {fmt(device_peak)} (reserved {fmt(vs['allocator_reserved_peak_bytes'])})"
-                 if device_peak is not None else ""),
-              peak is not None and peak <= budget and (device_peak is None or device_peak <= budget)),
+        plateau,
         crit(ctx, "swapping_when_needed",
               f"{m['swap']['swap_outs']} swap-outs, {m['swap']['swap_ins']} swap-ins; the math "
               + ("says it must swap from session " + str(math["swap_from_session"]) if math["expected_swapping"]
@@ -141,6 +150,12 @@ def run(ctx, p: dict):
         crit(ctx, "integrity", f"{mismatches} mismatches in {checked} sessions checked",
               mismatches == 0 and checked == completed and checked > 0),
     ]
+    if device is not None:
+        criteria.append(crit(ctx, "books_match_device",
+                             f"drift (allocated - load baseline - books) from {fmt_signed(device['min_drift_bytes'])} "
+                             f"to {fmt_signed(device['max_drift_bytes'])} over {device['samples']} samples, limit "
+                             f"{fmt(device['drift_limit_bytes'])}; {device['drift_errors']} ledger_drift errors",
+                             device["max_drift_bytes"] <= device["drift_limit_bytes"] and not device["drift_errors"]))
     body = {"params": effective(p, layers, math), "capacity_math": math, "breakpoints": layers,
             "num_sessions_requested": n,
             "num_sessions_spawned": len(paused), "num_sessions_completed": completed,
@@ -149,6 +164,33 @@ def run(ctx, p: dict):
             "errors": reasons, "sessions": records,
             "headline": {"first_swap_at": first_swap_at}, "figure": png, **m, "vram_stats": vs}
     return body, criteria
+
+
+def device_figures(samples: list[dict], vs: dict, errors: list[dict]) -> dict | None:
+    """On CUDA (the daemon's samples carry the allocator's figures): the device's peak (the largest of
+    its samples' allocated bytes and the allocator's own peak counter over the run), the reserved and
+    NVML peaks beside it, and the drift of the allocator against the books. None on the CPU."""
+    dev = [e for e in samples if e.get("allocated_bytes") is not None]
+    if not dev:
+        return None
+    counter = vs.get("allocator_peak_bytes")
+    drifts = [e["drift_bytes"] for e in dev if e.get("drift_bytes") is not None]
+    nvml = [e["nvml_used_bytes"] for e in dev if e.get("nvml_used_bytes") is not None]
+    limits = [e["drift_limit_bytes"] for e in dev if e.get("drift_limit_bytes") is not None]
+    return {"samples": len(dev),
+            "peak_bytes": max([e["allocated_bytes"] for e in dev] + ([counter] if counter is not None else [])),
+            "peak_sampled_bytes": max(e["allocated_bytes"] for e in dev), "allocator_peak_counter_bytes": counter,
+            "peak_ledger_bytes": max((e.get("ledger_bytes") or e["used_bytes"]) for e in dev),
+            "peak_reserved_bytes": max(e.get("reserved_bytes") or 0 for e in dev),
+            "peak_nvml_used_bytes": max(nvml) if nvml else None,
+            "baseline_bytes": (dev[0].get("allocated_bytes") or 0) - (dev[0].get("device_used_bytes") or dev[0]["allocated_bytes"]),
+            "max_drift_bytes": max(drifts) if drifts else None, "min_drift_bytes": min(drifts) if drifts else None,
+            "drift_limit_bytes": min(limits) if limits else None,
+            "drift_errors": sum(1 for e in errors if e.get("where") == "ledger_drift")}
+
+
+def fmt_signed(n) -> str:
+    return "unknown" if n is None else ("-" if n < 0 else "+") + format_size(abs(n))
 
 
 def _plot(path, samples: list[dict], swaps: list[dict], t0_ns: int, budget: int, title: str) -> str | None:
@@ -164,11 +206,17 @@ def _plot(path, samples: list[dict], swaps: list[dict], t0_ns: int, budget: int,
     with figure(path, 2 if swaps else 1, 1, title=title, size=(8, 6 if swaps else 4)) as axes:
         mem = axes[0]
         xs = [sec(e) for e in samples]
-        mem.plot(xs, [e["used_bytes"] / mib for e in samples], "-", label="device memory used")
+        device = all(e.get("allocated_bytes") is not None for e in samples)  # CUDA: the device's figure leads
+        if device:
+            mem.plot(xs, [e["allocated_bytes"] / mib for e in samples], "-", label="device memory (CUDA allocator)")
+            mem.plot(xs, [e["used_bytes"] / mib for e in samples], ":", color="tab:gray", label="the daemon's books")
+        else:
+            mem.plot(xs, [e["used_bytes"] / mib for e in samples], "-", label="device memory used")
         if any(e.get("host_bytes") for e in samples):
             mem.plot(xs, [(e.get("host_bytes") or 0) / mib for e in samples], "--", label="swapped out to host")
         mem.axhline(budget / mib, color="red", linestyle=":", label=f"budget ({format_size(budget)})")
-        mem.set_ylim(0, max(budget, max(e["used_bytes"] for e in samples)) / mib * 1.2)  # room for the legend
+        top = max(max(e["used_bytes"], e.get("allocated_bytes") or 0) for e in samples)
+        mem.set_ylim(0, max(budget, top) / mib * 1.2)  # room for the legend
         mem.set_ylabel("MiB")
         mem.set_title("device memory")
         if swaps:

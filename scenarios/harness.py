@@ -263,10 +263,21 @@ def _write(folder: Path, results: dict, log: EventLog) -> None:
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(folder / "vram.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["timestamp", "used", "budget", "capacity"])
         samples = log.of_type("vram")
         own = [e for e in samples if e.get("origin") == "scenario"]  # an in-process baseline's own samples
-        for e in own or samples:
+        rows = own or samples
+        if rows and any(e.get("allocated_bytes") is not None for e in rows):
+            # CUDA: `used` is what the device reports (the allocator's allocated bytes), the books beside;
+            # drift = allocated - its load baseline - ledger (djinnd/telemetry.py)
+            w.writerow(["timestamp", "used", "budget", "capacity", "ledger", "allocated", "reserved", "nvml_used",
+                        "drift", "drift_limit"])
+            for e in rows:
+                w.writerow([e["ts"], e.get("allocated_bytes"), e.get("budget_bytes"), e.get("capacity_bytes"),
+                            e.get("ledger_bytes", e.get("used_bytes")), e.get("allocated_bytes"), e.get("reserved_bytes"),
+                            e.get("nvml_used_bytes"), e.get("drift_bytes"), e.get("drift_limit_bytes")])
+            return
+        w.writerow(["timestamp", "used", "budget", "capacity"])
+        for e in rows:
             w.writerow([e["ts"], e.get("used_bytes"), e.get("budget_bytes"), e.get("capacity_bytes")])
 
 

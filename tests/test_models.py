@@ -124,10 +124,13 @@ def test_sizes(cache):
     d = lm.describe()
     assert set(d) == {"name", "path", "family", "num_layers", "weights_bytes", "kv_bytes_per_token", "vocab_size",
                       "context_length", "dtype",
-                      "hidden_size", "load_seconds", "lens", "batching", "activation_bytes_per_token", "kv_granule_tokens",
-                      "slab_growth"}
+                      "hidden_size", "load_seconds", "lens", "batching", "activation_bytes_per_token",
+                      "mask_bytes_per_token_pair", "kv_granule_tokens", "slab_growth"}
     assert d["family"] == "llama" and d["lens"] is True and d["batching"] is True
-    assert d["activation_bytes_per_token"] == 3 * lm.hidden_size * 4  # embeddings, layer input, output; fp32
+    # embeddings, layer input, output (fp32), and what the load's probe found beside them (issue 24):
+    # cos and sin of the rotary tables, ids and position ids; SDPA's mask only when a forward extends a KV
+    assert d["activation_bytes_per_token"] == 3 * lm.hidden_size * 4 + 2 * lm.head_dim * 4 + 2 * 8
+    assert d["mask_bytes_per_token_pair"] == 1
     assert d["dtype"] == "float32" and d["name"] == "tiny-llama"
 
 

@@ -264,3 +264,105 @@ def test_the_prometheus_endpoint_serves_the_daemons_figures_on_loopback(make_dae
                   "--metrics-port", str(taken.getsockname()[1]), program="djinnd")
     assert r.returncode == 2 and "cannot serve metrics" in r.stderr + r.stdout
     assert not (d.folder / "b.sock").exists()
+
+
+class _Books:
+    """A MemoryManager's figures as the sampler reads them, with the allocator's set by hand."""
+
+    def __init__(self, budget: int, used: int, baseline: int = 0):
+        self.budget, self.used, self.device_baseline, self.allocated = budget, used, baseline, used + baseline
+
+    def figures(self) -> dict:
+        return {"device_bytes": self.used, "budget_bytes": self.budget, "capacity_bytes": 2 * self.budget,
+                "peak_device_bytes": self.used, "host_bytes": 0, "host_capacity_bytes": 0, "disk_bytes": 0,
+                "allocated_bytes": self.allocated, "reserved_bytes": self.allocated + (8 << 20)}
+
+
+def test_a_drift_of_the_allocator_over_the_books_is_one_error_an_episode():
+    """Issue 24 (the CUDA path, driven on the CPU with the allocator's figures given): drift is
+    allocated - the load baseline - the books; over the limit it is an error event once, until it
+    falls back under half the limit; the books running ahead of the allocator is never one."""
+    import torch
+
+    from djinnd.telemetry import DRIFT_FLOOR, EventBus, Sampler, drift_limit
+    bus = EventBus()
+    books = _Books(budget=10 << 30, used=2 << 30, baseline=300 << 20)
+    sampler = Sampler(bus, books, torch.device("cpu"))
+    limit = drift_limit(books.budget)
+    assert limit == max(DRIFT_FLOOR, (10 << 30) // 100) and drift_limit(1 << 30) == DRIFT_FLOOR
+
+    def sample(drift: int) -> dict:
+        books.allocated = books.used + books.device_baseline + drift
+        return sampler._device_figures(books.figures())
+
+    f = sample(0)
+    assert (f["drift_bytes"], f["ledger_bytes"], f["device_used_bytes"]) == (0, books.used, books.used)
+    assert f["drift_limit_bytes"] == limit and f["allocated_bytes"] == books.allocated
+    assert sample(-(5 << 30))["drift_bytes"] == -(5 << 30)  # the books ahead (a forward's temporaries): no error
+    assert sample(limit)["drift_bytes"] == limit  # at the limit: still none
+    for drift in (limit + 1, 2 * limit, limit + 5, limit // 2 + 1):  # one episode, however long
+        sample(drift)
+    sample(limit // 2)  # back under half the limit: it ends
+    sample(3 * limit)  # a second episode
+    bus.close()
+    errors = [e for e in bus.recent(100) if e["type"] == "error"]
+    assert [e["where"] for e in errors] == ["ledger_drift", "ledger_drift"]
+    assert errors[0]["drift_bytes"] == limit + 1 and errors[1]["drift_bytes"] == 3 * limit
+    assert errors[0]["limit_bytes"] == limit and "MiB more than the books" in errors[0]["message"]
+    assert sampler.drift_episodes == 2
+
+
+def test_the_books_are_read_on_both_sides_of_the_allocator():
+    """A charge taken between the books' first read and the allocator's (reserve, then allocate) is
+    no drift: the larger of the two reads of the books is compared."""
+    import torch
+
+    from djinnd.telemetry import EventBus, Sampler
+    books = _Books(budget=10 << 30, used=1 << 30)
+    sampler = Sampler(EventBus(), books, torch.device("cpu"))
+    m = books.figures()  # read before a session reserves and allocates 1 GiB
+    books.used += 1 << 30
+    m["allocated_bytes"] += 1 << 30
+    f = sampler._device_figures(m)
+    assert f["drift_bytes"] == 0 and f["ledger_bytes"] == 2 << 30 and not sampler.drifting
+
+
+def test_a_cpu_sample_has_no_device_figures(make_daemon):
+    d = tight(make_daemon)
+    with d.client() as c:
+        samples = c.snapshot(samples=50)["samples"]
+    assert samples
+    for s in samples:
+        assert not {"allocated_bytes", "reserved_bytes", "ledger_bytes", "drift_bytes", "nvml_used_bytes"} & set(s)
+
+
+def test_exp3_judges_cuda_samples_by_the_device_and_vram_csv_carries_its_columns(tmp_path):
+    """The CUDA path of exp3's verdict and of vram.csv, fed samples as a CUDA daemon sends them."""
+    import csv
+
+    from scenarios import exp3, harness
+    mib = 1 << 20
+    samples = [{"seq": i, "ts": f"t{i}", "mono_ns": i * 10**8, "type": "vram", "used_bytes": (40 + i) * mib,
+                "budget_bytes": 100 * mib, "capacity_bytes": 1000 * mib, "allocated_bytes": (41 + i) * mib,
+                "reserved_bytes": (60 + i) * mib, "ledger_bytes": (40 + i) * mib, "device_used_bytes": (40 + i) * mib,
+                "drift_bytes": -i * mib, "drift_limit_bytes": 64 * mib, "nvml_used_bytes": (600 + i) * mib}
+               for i in range(10)]
+    errors = [{"type": "error", "where": "nvml"}, {"type": "error", "where": "ledger_drift"}]
+    dev = exp3.device_figures(samples, {"allocator_peak_bytes": 55 * mib}, errors)
+    assert dev["peak_bytes"] == 55 * mib and dev["peak_sampled_bytes"] == 50 * mib  # the peak counter saw more
+    assert dev["peak_ledger_bytes"] == 49 * mib and dev["baseline_bytes"] == mib
+    assert (dev["max_drift_bytes"], dev["min_drift_bytes"], dev["drift_limit_bytes"]) == (0, -9 * mib, 64 * mib)
+    assert dev["drift_errors"] == 1 and dev["peak_nvml_used_bytes"] == 609 * mib
+    assert exp3.device_figures([{k: v for k, v in s.items() if "allocated" not in k} for s in samples], {}, []) is None
+    assert exp3._plot(tmp_path / "exp3.png", samples, [], 0, 100 * mib, "cuda")  # draws the device and the books
+
+    class Log:
+        def of_type(self, *types):
+            return samples
+
+    harness._write(tmp_path, {}, Log())
+    rows = list(csv.DictReader((tmp_path / "vram.csv").open()))
+    assert list(rows[0]) == ["timestamp", "used", "budget", "capacity", "ledger", "allocated", "reserved", "nvml_used",
+                             "drift", "drift_limit"]
+    assert rows[3]["used"] == rows[3]["allocated"] == str(44 * mib) and rows[3]["ledger"] == str(43 * mib)
+    assert rows[3]["drift"] == str(-3 * mib)
