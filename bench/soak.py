@@ -21,9 +21,15 @@ patches (scale 1.0, add 0.0) are checked like the others. A first differing toke
 as a near-tie: a fresh session of the prompt and the agreed tokens, paused after the last layer, has
 the two tokens as its lens's top two with logits within 1e-3 (batched decode rows and the prefill a
 restart recomputes KV with differ from one session's steps in the last bits; a random tiny model has
-near-ties). The daemon never exits unless killed here. After every session is closed, its fds and
-threads are back to the baseline (taken after a warm-up on the first daemon) within 2, its RSS within
-+50 MiB, its host-pool and disk-tier bytes at 0 and the spill folder holds no swap file. The RPC
+near-ties). A generate whose reply nobody reads (abandoned, or its client killed) may still run after
+its client has re-read the session idle, before the client's next request: its tokens then lie among
+those the client was answered. The client's record counts them apart (at most the tokens it asked
+for, and every token answered still there in order) and prints each session's recent history; a token
+answered and then missing fails. The daemon never exits unless killed here. After every session is
+closed, its fds and threads are back to the baseline (taken after a warm-up on the first daemon)
+within 2, its RSS within +50 MiB (the end daemon is the one the last restart started; the events it
+keeps in memory for events.since, up to 100,000, are counted from its event log and printed beside
+it), its host-pool and disk-tier bytes at 0 and the spill folder holds no swap file. The RPC
 worker pool keeps its threads once started: baseline and end are both taken after the same burst of
 concurrent requests, so the pool has the same size unless the soak outgrew it.
 
@@ -63,8 +69,10 @@ PROMPTS = 12
 SESSIONS_PER_CLIENT = 3
 NEAR_TIE = 1e-3  # logits closer than this may be tipped by the last bits
 RSS_TOLERANCE = 50 << 20
+KEEP_EVENTS = 100_000  # events (other than samples) a daemon keeps in memory for events.since: telemetry.EventBus
 COUNT_TOLERANCE = 2
 MIB = 1 << 20
+T0 = time.monotonic()  # the history of a session is timed from here
 
 # a client killed with its request in flight: it sends the frame, says so, and waits to be killed
 KILLED_CLIENT = ("import sys, zmq\ns = zmq.Context().socket(zmq.DEALER)\ns.connect(sys.argv[1])\n"
@@ -84,6 +92,14 @@ class Tracked:
     state: str = "idle"  # idle, paused, unknown (re-read it first)
     patched: bool = False  # a real patch: its tokens are not the reference's
     closing: bool = False  # a close was sent: it may be gone
+    synced: int = 0  # how many of `confirmed` were read from the daemon (session.get); the rest are replies
+    durable: int = 0  # how many of `confirmed` a reply to its client's own request held: journaled before it
+    epoch: int = 0  # the soak's epoch (kill -9 count) when the session was last read
+    maybe: int = 0  # tokens its abandoned or killed generates may still make: their replies nobody reads
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10))
+
+    def note(self, what: str) -> None:
+        self.history.append(f"{time.monotonic() - T0:.3f} {what}")
 
 
 class Soak:
@@ -107,6 +123,8 @@ class Soak:
         self.died = 0
         self.peak = collections.Counter()  # host_bytes, disk_bytes seen at most
         self.full = 0  # errors that name a full disk tier
+        self.unread: list[str] = []  # sessions holding tokens of an abandoned request made after a re-read
+        self.undone: list[str] = []  # sessions whose tokens read from an abandoned request a kill -9 undid
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def count(self, method: str, outcome: str, dt: float = 0.0, message: str = "") -> None:
@@ -152,6 +170,7 @@ class Conn:
 
     def __init__(self, soak: Soak):
         self.soak, self.sock = soak, None
+        self.epoch = 0  # the epoch of the daemon that answered the last request
 
     def close(self) -> None:
         if self.sock is not None:
@@ -194,6 +213,7 @@ class Conn:
                 if msg.get("id") != rid:
                     continue  # a reply to a request sent without waiting
                 dt = time.monotonic() - t0
+                self.epoch = epoch
                 if msg.get("ok"):
                     soak.count(method, "ok", dt)
                     return msg.get("result")
@@ -270,7 +290,7 @@ class Client(threading.Thread):
             p = rng.randrange(PROMPTS)
             sid = self.conn.call("session.create", token_ids=soak.prompts[p],
                                  qos=rng.choice(("interactive", "interactive", "batch", "realtime")))["id"]
-            self.tracked.append(Tracked(sid, p))
+            self.tracked.append(Tracked(sid, p, epoch=self.conn.epoch))
             return
         t = rng.choice(self.tracked)
         if t.state == "unknown" and not self.resync(t):
@@ -287,10 +307,15 @@ class Client(threading.Thread):
         try:
             if r < 0.40:
                 k = rng.randint(1, min(4, MAX_NEW - n))
-                t.confirmed += self.conn.call("session.generate", session=t.sid, max_new_tokens=k)["tokens"]
+                t.note(f"generate {k} sent")
+                got = self.conn.call("session.generate", session=t.sid, max_new_tokens=k)["tokens"]
+                t.note(f"generate answered {got}")
+                t.confirmed += got
+                t.durable = len(t.confirmed)
             elif r < 0.62:
                 layers = sorted(rng.sample(range(self.layers), rng.choice((1, 1, 2))))
                 out = self.conn.call("session.run_to", session=t.sid, layers=layers)
+                t.note(f"run_to {layers} answered {out['state']}")
                 t.state = "paused" if out["state"] == "paused" else "unknown"
             elif r < 0.78:
                 if rng.random() < 0.6:
@@ -303,17 +328,25 @@ class Client(threading.Thread):
             elif r < 0.95:
                 k = rng.randint(1, min(3, MAX_NEW - n))
                 if rng.random() < 0.5:
+                    t.maybe += k
+                    t.note(f"generate {k} sent and abandoned")
                     self.conn.abandon("session.generate", session=t.sid, max_new_tokens=k)
                 else:
+                    t.note("run_to sent and abandoned")
                     self.conn.abandon("session.run_to", session=t.sid, layers=[rng.randrange(self.layers)])
                 t.state = "unknown"
             else:
-                self.conn.killed_client("session.generate", session=t.sid, max_new_tokens=rng.randint(1, min(3, MAX_NEW - n)))
+                k = rng.randint(1, min(3, MAX_NEW - n))
+                t.maybe += k
+                t.note(f"generate {k} sent by a child process, killed")
+                self.conn.killed_client("session.generate", session=t.sid, max_new_tokens=k)
                 t.state = "unknown"
-        except DjinnError:
+        except DjinnError as e:
+            t.note(f"answered {e.code}")
             t.state = "unknown"
             raise
         except Killed:
+            t.note("in flight at a kill -9")
             t.state = "unknown"
             raise
 
@@ -334,8 +367,10 @@ class Client(threading.Thread):
                 self.conn.call("session.signal_phase", session=t.sid, phase="IO_WAIT", expected_ms=rng.choice((50, 500)))
             else:
                 out = self.conn.call("session.resume", session=t.sid)
+                t.note(f"resume answered {out['state']} {out.get('token')}")
                 if out["state"] == "idle":
                     t.confirmed.append(out["token"])
+                    t.durable = len(t.confirmed)
                     t.state = "idle"
         except (DjinnError, Killed):
             t.state = "unknown"
@@ -354,10 +389,34 @@ class Client(threading.Thread):
                 return True
             return False
         tokens = info["tokens"]
+        t.note(f"get: {info['state']}, {len(tokens)} tokens")
+        killed, t.epoch = t.epoch != self.conn.epoch, self.conn.epoch
+        gone = len(t.confirmed) - t.durable
+        if (tokens[:len(t.confirmed)] != t.confirmed and killed and 0 < gone <= t.maybe
+                and tokens[:t.durable] == t.confirmed[:t.durable]):
+            # a kill -9 since it was last read: tokens it read then, past the last its client was answered,
+            # may be those of an abandoned generate in flight at the kill, which the restart undid (README:
+            # a request in flight at a kill is lost, its session comes back as it was before it)
+            t.maybe -= gone
+            with self.soak.lock:
+                self.soak.sessions["undone_tokens"] += gone
+                self.soak.undone.append(f"session {t.sid}: had {t.confirmed} ({t.durable} of them in replies to its "
+                                        f"client), now {tokens}; its history: {' | '.join(t.history)}")
+            t.confirmed, t.synced = t.confirmed[:t.durable], t.durable
         if tokens[:len(t.confirmed)] != t.confirmed:
-            self.soak.fail(f"session {t.sid}: tokens answered before are gone: had {t.confirmed}, now {tokens}")
-            self.soak.sessions["lost_tokens"] += 1
-        t.confirmed = list(tokens)
+            extra = unread(t, tokens)
+            if extra is None:
+                self.soak.fail(f"session {t.sid}: tokens answered before are gone: had {t.confirmed} ({t.synced} of them "
+                               f"read from the daemon), now {tokens}; its history: {' | '.join(t.history)}")
+                self.soak.sessions["lost_tokens"] += 1
+            else:
+                t.maybe -= extra
+                with self.soak.lock:
+                    self.soak.sessions["unread_tokens"] += extra
+                    self.soak.unread.append(f"session {t.sid}: had {t.confirmed} ({t.synced} of them read from the "
+                                            f"daemon), now {tokens}; its history: {' | '.join(t.history)}")
+        t.confirmed, t.synced = list(tokens), len(tokens)
+        t.durable = min(t.durable, len(tokens))
         t.closing = False  # a close in flight at a kill was lost
         if info["state"] == "running":
             return False
@@ -379,6 +438,25 @@ class Client(threading.Thread):
                 t.state = "unknown"
                 raise
         self.tracked.remove(t)
+
+
+def unread(t: Tracked, tokens: list) -> int | None:
+    """How many tokens the daemon holds among those its client was answered since it last read the
+    session, when those can only be tokens of its abandoned or killed generates: everything read
+    before is there as it was, every token answered since is there in order, and there are at most
+    `t.maybe` others (a generate whose reply nobody read may run after the client read the session
+    idle, before its next request). None when that does not explain them: a token lost."""
+    if tokens[:t.synced] != t.confirmed[:t.synced]:
+        return None
+    rest, i = tokens[t.synced:], 0
+    for tok in t.confirmed[t.synced:]:  # the earliest match leaves the fewest others before the last
+        while i < len(rest) and rest[i] != tok:
+            i += 1
+        if i == len(rest):
+            return None
+        i += 1
+    extra = i - (len(t.confirmed) - t.synced)
+    return extra if extra <= t.maybe else None
 
 
 def check(soak: Soak, t: Tracked) -> None:
@@ -439,6 +517,17 @@ def figures(soak: Soak, conn: Conn, trim: int | None = None) -> dict:
             "host_bytes": st["memory"]["host_bytes"], "disk_bytes": st["memory"]["disk_bytes"],
             "spare_bytes": st["memory"]["spare_bytes"],
             "spill_files": len([p for p in soak.spill.glob("*.swap")]) if soak.spill.exists() else 0}
+
+
+def events_emitted(soak: Soak, pid: int) -> int:
+    """Events other than `vram` samples that daemon `pid` emitted, from its event log: it keeps the last
+    KEEP_EVENTS of them in memory, as it should, and they are part of its RSS (~700 B each in this soak)."""
+    n = 0
+    for path in (soak.folder / "logs" / "daemon").glob(f"events-*-{pid}.jsonl*"):
+        with open(path, "rb") as f:
+            for line in f:
+                n += b'"type":"vram"' not in line
+    return n
 
 
 def mount_tmpfs(folder: Path, size: str) -> str | None:
@@ -531,6 +620,7 @@ def run(soak: Soak, a) -> int:
     burst(soak, pool, soak.prompts[0])
     time.sleep(0.5)
     base = figures(soak, conn, trim=weights + MIB)
+    base["events"] = min(KEEP_EVENTS, events_emitted(soak, base["pid"]))
     print(f"references and warm-up: {time.monotonic() - t0:.1f} s; baseline (pid {base['pid']}): {base['fds']} fds, "
           f"{base['rss'] / MIB:.1f} MiB RSS, {base['threads']} threads")
 
@@ -625,6 +715,7 @@ def run(soak: Soak, a) -> int:
             break
         time.sleep(0.1)
     conn.close()
+    end["events"] = min(KEEP_EVENTS, events_emitted(soak, end["pid"]))
     log_lines = soak.daemon.output().splitlines()
     tracebacks = sum("Traceback" in ln for ln in log_lines)
     errors = [ln for ln in log_lines if " ERROR " in ln]
@@ -667,6 +758,14 @@ def run(soak: Soak, a) -> int:
           f"{soak.sessions['near_tie']}, mismatches {soak.sessions['mismatch']}); really patched, checked for lost tokens "
           f"only: {soak.sessions['patched']}; lost tokens: {soak.sessions['lost_tokens']}; lost sessions: "
           f"{soak.sessions['lost_sessions']}")
+    print(f"tokens made by abandoned or killed generates after their client re-read the session idle (its record "
+          f"missed them, nothing lost): {soak.sessions['unread_tokens']} in {len(soak.unread)} sessions")
+    for u in soak.unread[:3]:
+        print(f"  e.g. {u[:700]}")
+    print(f"tokens read from the daemon while an abandoned or killed generate was in flight, undone by a kill -9 "
+          f"(a request in flight at a kill is lost): {soak.sessions['undone_tokens']} in {len(soak.undone)} sessions")
+    for u in soak.undone[:3]:
+        print(f"  e.g. {u[:900]}")
     print(f"sessions left by creates in flight at a kill (closed): {len(orphans)}")
     print(f"daemon log: {tracebacks} tracebacks, {len(errors)} ERROR lines")
     for ln in errors[:5]:
@@ -678,6 +777,11 @@ def run(soak: Soak, a) -> int:
     print(f"  spare B   {base['spare_bytes']:>10}   {end['spare_bytes']:>10}   (kept from swap-outs, trimmed to 1 MiB first)")
     print(f"  host B    {base['host_bytes']:>10}   {end['host_bytes']:>10}")
     print(f"  disk B    {base['disk_bytes']:>10}   {end['disk_bytes']:>10}   (swap files left: {end['spill_files']})")
+    print(f"  events    {base['events']:>10}   {end['events']:>10}   (kept in the daemon's memory for events.since: "
+          f"the last {KEEP_EVENTS:,} at most)")
+    if end["pid"] != base["pid"]:
+        print(f"  (the baseline is the first daemon's, after the warm-up; the end is daemon {end['pid']}'s, started by "
+              f"the last restart, after every session closed)")
     diff = {k: end["fd_kinds"][k] - base["fd_kinds"][k] for k in base["fd_kinds"] | end["fd_kinds"]
             if end["fd_kinds"][k] != base["fd_kinds"][k]}
     if diff:
@@ -697,7 +801,7 @@ def run(soak: Soak, a) -> int:
         soak.fail(f"{len(soak.restarts)} of {a.restarts} restarts done")
     bad = soak.bad
     for b in bad[:10]:
-        print(f"  FAIL: {b[:300]}")
+        print(f"  FAIL: {b[:1200]}")
     if len(bad) > 10:
         print(f"  ... and {len(bad) - 10} more")
     print(f"verdict: {'PASS' if not bad else 'FAIL'} (nothing lost, no internal error or hang, resources back within "

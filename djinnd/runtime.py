@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from . import devicecosts
+from . import devicecosts, heap
 from .charges import capacity_for
 from .memory import ROOM_WAIT_S, MemoryManager, RoomHeld
 from .prefetch import Prefetcher
@@ -126,6 +126,8 @@ class Runtime:
         s.held, s.hidden, s.embeds = [], None, None
         s.state = State.CLOSED
         self._event(s, "closed")
+        if not self.sessions:  # the last one: the C heap's free pages go back to the OS (heap.py)
+            heap.trim()
 
     def close_all(self) -> None:
         for sid in list(self.sessions):
