@@ -7,6 +7,7 @@ triggers (close, inspect, launch, abort) run as workers on fresh sockets; errors
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 from textual.css.query import NoMatches
 
-from djinnd import DjinnError, resolve_socket
+from djinnd import DjinnError, is_url, resolve_socket
 
 from . import exporting
 from .link import Link, rpc
@@ -67,7 +68,7 @@ class DjinnConsole(App):
 
     def __init__(self, socket=None, launch: str | None = None, connect: bool = True, export_dir=None):
         super().__init__()
-        self.socket = resolve_socket(socket)
+        self.socket = socket if is_url(socket) else resolve_socket(socket)  # a tcp:// address: a remote daemon
         self.state = State()
         self.state.socket = str(self.socket)
         self.launch_on_attach = launch
@@ -241,8 +242,8 @@ class DjinnConsole(App):
 
     # -- daemon --------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters) -> bool | None:
-        if action == "start_daemon":
-            return not self.state.attached and not self.starting_daemon
+        if action == "start_daemon":  # a daemon on this machine's socket only
+            return not self.state.attached and not self.starting_daemon and not is_url(self.socket)
         if action == "new_session":
             return self.state.attached
         if action == "switch_mode":  # the footer offers only the other screen
@@ -280,7 +281,7 @@ class DjinnConsole(App):
         yield SystemCommand("Export logs", "the run's or the daemon's log as JSONL, CSV or Chrome trace (e)",
                             self.action_export)
         yield SystemCommand("Help", "keys and what the panes show (?)", self.action_help)
-        if not self.state.attached:
+        if not self.state.attached and not is_url(self.socket):
             yield SystemCommand("Start daemon", f"djinnd start --detach --socket {self.socket} (d)",
                                 self.action_start_daemon)
 
@@ -288,6 +289,10 @@ class DjinnConsole(App):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="djinn-console", description="The operator console for djinnd.")
     ap.add_argument("--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)")
+    ap.add_argument("--connect", metavar="URL", default=os.environ.get("DJINN_CONNECT"),
+                    help="a daemon's tcp://HOST:PORT (its --listen) instead of a socket (default: $DJINN_CONNECT)")
+    ap.add_argument("--server-key", metavar="KEY",
+                    help="that daemon's public key (default: the one `djinn keys trust` remembered)")
     ap.add_argument("--launch", metavar="SCENARIO", help="launch this scenario once attached (e.g. exp3)")
     ap.add_argument("--export-dir", help="where the export key writes (default: the run folder or logs/exports)")
     ap.add_argument("--replay", metavar="PATH",
@@ -296,7 +301,9 @@ def main(argv=None) -> int:
     if args.replay:
         from .replay import main as replay  # a separate app: no socket, no link
         return replay(args.replay)
-    DjinnConsole(args.socket, launch=args.launch, export_dir=args.export_dir).run()
+    if args.server_key:
+        os.environ["DJINN_SERVER_KEY"] = args.server_key
+    DjinnConsole(args.connect or args.socket, launch=args.launch, export_dir=args.export_dir).run()
     return 0
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from djinnd import AsyncClient, DjinnError
+from djinnd import AsyncClient, DjinnError, is_url
 
 from .messages import Attached, Catalog, Detached, EventBatch, Polled, Runs
 
@@ -43,8 +43,8 @@ async def rpc(socket: Path, call: Callable, timeout: float = RPC_TIMEOUT):
 class Link:
     """Follows one socket for ever; `post` receives the messages (the app's post_message)."""
 
-    def __init__(self, socket: Path, post: Callable):
-        self.socket = Path(socket)
+    def __init__(self, socket: Path | str, post: Callable):
+        self.socket = socket if is_url(socket) else Path(socket)  # a tcp:// address: a remote daemon
         self.post = post
         self.attached = False
 
@@ -120,7 +120,7 @@ class Link:
                 await self.poll()
 
     async def poll(self):
-        if self.socket.exists() and not AsyncClient(self.socket).daemon_alive():
+        if isinstance(self.socket, Path) and self.socket.exists() and not AsyncClient(self.socket).daemon_alive():
             # the daemon holds its pidfile lock for life: unlocked means it died, whatever the socket says
             raise Gone(f"djinnd on {self.socket} is gone (it left a stale socket)")
         try:

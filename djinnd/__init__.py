@@ -15,6 +15,7 @@ from .forkserver import ForkServer  # noqa: E402
 from .paths import default_logs_dir, resolve_socket  # noqa: E402
 from .private import PrivateDaemon, PrivateDaemonError  # noqa: E402
 from .protocol import DjinnError  # noqa: E402
+from .remote import is_url  # noqa: E402
 from .scheduler import parse_shares  # noqa: E402
 from .sizes import format_size, parse_size  # noqa: E402
 from .stats import percentile  # noqa: E402
@@ -24,7 +25,7 @@ __all__ = [
     "AsyncClient", "AsyncSubscription", "Client", "DjinnError", "Subscription", "PrivateDaemon", "PrivateDaemonError",
     "ForkServer",
     "export_events", "parse_ts", "read_events", "tail_lines", "write_events",
-    "default_logs_dir", "resolve_socket", "format_size", "parse_size", "parse_shares", "compact_stamp", "utc_stamp",
+    "default_logs_dir", "resolve_socket", "is_url", "format_size", "parse_size", "parse_shares", "compact_stamp", "utc_stamp",
     "load_model", "parse_dtype", "default_budget", "default_capacity", "estimate", "percentile",
 ]
 

@@ -1,6 +1,7 @@
 """`djinn`: the command-line client (status, sessions, scenarios, logs)."""
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -14,9 +15,24 @@ session_app = typer.Typer(no_args_is_help=True, help="Create, step, pause, inspe
 logs_app = typer.Typer(no_args_is_help=True, help="Export or follow the event log.")
 app.add_typer(session_app, name="session")
 app.add_typer(logs_app, name="logs")
+keys_app = typer.Typer(help="CURVE keys for remote clients (djinn --connect, djinnd start --listen).")
+app.add_typer(keys_app, name="keys")
 
 SocketOpt = typer.Option(None, "--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)")
 JsonOpt = typer.Option(False, "--json", help="print JSON")
+StateDirOpt = typer.Option(None, "--state-dir", help="the daemon's --state-dir, if it was given one")
+
+
+@app.callback()
+def remote_daemon(connect: str = typer.Option(None, "--connect", metavar="URL", envvar="DJINN_CONNECT",
+                                              help="talk to the daemon at tcp://HOST:PORT (its --listen) instead of a socket"),
+                  server_key: str = typer.Option(None, "--server-key", metavar="KEY",
+                                                 help="that daemon's public key (default: the one `djinn keys --trust` remembered)")):
+    """djinn: talk to djinnd."""
+    if connect:
+        os.environ["DJINN_CONNECT"] = connect  # every client of this command goes there
+    if server_key:
+        os.environ["DJINN_SERVER_KEY"] = server_key
 
 
 def fail(message: str, code: int = 1):
@@ -50,6 +66,8 @@ def print_status(socket, as_json: bool) -> None:
         f"(peak {format_size(m['peak_device_bytes'])}), host {format_size(m['host_bytes'])}, disk {format_size(m['disk_bytes'])}",
         f"swaps    {sw['swap_outs']} out, {sw['swap_ins']} in, p50 {sw['latency_ms']['p50']} ms",
     ]
+    if st.get("listen"):
+        lines.append(f"remote   {st['listen']['url']} (events {st['listen']['events_url']}), key {st['listen']['server_key']}")
     if st.get("metrics_url"):
         lines.append(f"metrics  {st['metrics_url']}")
     typer.echo("\n".join(lines))
@@ -209,6 +227,64 @@ def logs_tail(socket: str = SocketOpt, samples: bool = typer.Option(False, "--sa
         fail(str(e), 2)
     except KeyboardInterrupt:
         pass
+
+
+@keys_app.callback(invoke_without_command=True)
+def keys(ctx: typer.Context):
+    """Make (once) and show this user's public key, which a daemon's `djinn keys authorize` lets in."""
+    if ctx.invoked_subcommand is None:
+        from . import remote
+        _show_key(remote.CLIENT, remote.config_dir())
+
+
+@keys_app.command("server")
+def keys_server(socket: str = SocketOpt, state_dir: Path = StateDirOpt):
+    """Make (once) and show the daemon's public key, which its remote clients `djinn keys trust`."""
+    from . import remote
+    _show_key(remote.SERVER, _keys_folder(socket, state_dir))
+
+
+@keys_app.command("authorize")
+def keys_authorize(key: str = typer.Argument(..., help="a client's public key (what `djinn keys` shows there)"),
+                   socket: str = SocketOpt, state_dir: Path = StateDirOpt):
+    """Let the client holding KEY connect over the daemon's --listen (no restart needed)."""
+    from . import remote
+    folder = _keys_folder(socket, state_dir)
+    path = folder / "authorized_keys"
+    try:
+        key = remote.check_key(key)
+    except ValueError as e:
+        fail(str(e), 2)
+    if path.exists() and key in remote.read_keys(path):
+        typer.echo(f"{key} is already in {path}")
+        return
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
+        f.write(key + "\n")
+    typer.echo(f"authorized {key} in {path}")
+
+
+@keys_app.command("trust")
+def keys_trust(url: str = typer.Argument(..., help="the daemon's tcp://HOST:PORT"),
+               key: str = typer.Argument(..., help="its public key (what `djinn keys server` shows there)")):
+    """Remember KEY as the public key of the daemon at URL, for `djinn --connect URL`."""
+    from . import remote
+    try:
+        typer.echo(f"trusting {key} at {url} (in {remote.trust(url, key)})")
+    except ValueError as e:
+        fail(str(e), 2)
+
+
+def _keys_folder(socket, state_dir) -> Path:
+    from . import paths
+    return paths.keys(paths.resolve_socket(socket), state_dir)
+
+
+def _show_key(name: str, folder: Path) -> None:
+    from . import remote
+    public, _ = remote.keypair(folder, name)
+    typer.echo(public)
+    typer.echo(f"(the {name}'s public key; its secret is in {folder / (name + '.key_secret')}, mode 0600)", err=True)
 
 
 def _add_commands():

@@ -36,6 +36,8 @@ def start(
     lifo: bool = typer.Option(False, "--lifo", help="under overload (more waiters than slots) serve the newest request of a class first"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)"),
     busy_poll_us: float = typer.Option(1000, "--busy-poll-us", help="after a request answered on the I/O loop (a decode step, status), poll for the next this long before sleeping (0: off)"),
+    listen: str = typer.Option(None, "--listen", help="also serve remote clients at tcp://HOST:PORT (events on PORT+1; 0: any free ports), encrypted with CURVE, for the keys in the authorized-keys file"),
+    authorized_keys: Path = typer.Option(None, "--authorized-keys", help="clients' public keys allowed over --listen, one a line (default: authorized_keys in the keys folder beside the socket or in --state-dir)"),
     print_config: bool = typer.Option(False, "--print-config", help="print the settings as the daemon would take them, and exit"),
 ):
     """Start the daemon (foreground by default, as systemd Type=notify wants)."""
@@ -49,7 +51,8 @@ def start(
             vram_budget=vram_budget, host_pool=host_pool, dtype=dtype, spill_dir=spill_dir, sample_hz=sample_hz,
             state_dir=state_dir.absolute() if state_dir else None, fresh=fresh,
             qos=qos, escalation_ms=escalation_ms, qos_shares=qos_shares, max_concurrency=max_concurrency, lifo=lifo,
-            max_batch=max_batch, prefill_chunk=prefill_chunk, metrics_port=metrics_port, busy_poll_us=busy_poll_us)
+            max_batch=max_batch, prefill_chunk=prefill_chunk, metrics_port=metrics_port, busy_poll_us=busy_poll_us,
+            listen=listen, authorized_keys=authorized_keys.absolute() if authorized_keys else None)
     except ValueError as e:
         _fail(str(e), 2)
     if print_config:

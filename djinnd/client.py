@@ -1,7 +1,8 @@
 """Clients of djinnd, as one scripts a notebook kernel: `Client` (blocking) and `AsyncClient`.
 
 Every call has a timeout and every failure raises DjinnError with a `.code`; when no daemon
-answers, the error names the socket that was tried and how to start one.
+answers, the error names the socket that was tried and how to start one. `url=` (or $DJINN_CONNECT)
+reaches a daemon over TCP instead, encrypted and authenticated by CURVE (remote.py).
 """
 
 import itertools
@@ -14,7 +15,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from . import paths, pidfile, protocol
+from . import paths, pidfile, protocol, remote
 from .protocol import DjinnError
 
 DEFAULT_TIMEOUT = 300.0  # seconds: a forward of a long prompt on a CPU takes a while
@@ -122,6 +123,16 @@ class _Api:
     def close(self, sid: int):
         return self._do("session.close", lambda r: None, session=sid)
 
+    def export_session(self, sid: int) -> dict:
+        """Write an idle session into a file in the daemon's moves folder, for import_session on another
+        daemon: {"file", "path", "bytes", "sha256"}. The session stays; close it once the import succeeded."""
+        return self._do("session.export", session=sid)
+
+    def import_session(self, file: str, qos: str | None = None) -> int:
+        """A new session from an exported file's bare name in the daemon's moves folder (the file is
+        removed); its next tokens are the exporter's. Its id."""
+        return self._do("session.import", lambda r: r["id"], file=file, qos=qos)
+
     def set_budget(self, budget):
         return self._do("memory.set_budget", budget=budget)
 
@@ -151,8 +162,9 @@ class _Api:
         return self._do("shutdown")
 
     def daemon_alive(self) -> bool:
-        """Whether a djinnd holds this socket's lock: one that was killed leaves its socket, not the lock."""
-        return pidfile.is_locked(self.socket_path)
+        """Whether a djinnd holds this socket's lock: one that was killed leaves its socket, not the lock.
+        (Over TCP there is no lock to see: False.)"""
+        return self.socket_path is not None and pidfile.is_locked(self.socket_path)
 
 
 def _sel(positions, channels) -> dict:
@@ -182,19 +194,65 @@ def _frame(rid: str, method: str, params: dict) -> bytes:
         raise DjinnError("bad_params", f"{method}: the parameters cannot be sent as JSON ({e})") from None
 
 
-def _dealer(ctx, sock: Path):
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.IMMEDIATE, 1)
-    s.connect(paths.endpoint(sock))
-    return s
+class _Target:
+    """Where a client's requests go: a Unix socket, or a TCP address secured by CURVE."""
+
+    def __init__(self, socket, url: str | None, server_key: str | None):
+        if remote.is_url(socket):  # what the CLI and the console take as --socket or --connect alike
+            url, socket = str(socket), None
+        url = url or (None if socket else os.environ.get("DJINN_CONNECT"))
+        if url:
+            try:
+                remote.check_url(url)
+            except ValueError as e:
+                raise DjinnError("bad_params", str(e)) from None
+        self.url = url or None
+        self.socket_path = None if url else paths.resolve_socket(socket)
+        self.server_key = remote.server_key_for(url, server_key) if url else None
+        self.where = url or str(self.socket_path)
+        self.watch = None
+
+    def open(self, ctx, kind: int = zmq.DEALER, endpoint: str | None = None):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.DEALER:
+            s.setsockopt(zmq.IMMEDIATE, 1)
+        if self.url:
+            remote.secure(s, self.server_key)
+            if kind == zmq.DEALER:
+                self.watch = remote.watch(s)
+        elif kind == zmq.DEALER:
+            _check_socket(self.socket_path)
+        s.connect(endpoint or self.url or paths.endpoint(self.socket_path))
+        return s
+
+    def unreachable(self) -> DjinnError:
+        """Why the request socket could not send: no daemon, or (over TCP) a refused handshake."""
+        if self.url:
+            return remote.why_not(self.watch, self.url)
+        return _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
+
+    def close(self, s) -> None:
+        if self.url:
+            remote.unwatch(s, self.watch)
+            self.watch = None
+        s.close(0)
+
+    def events(self, status: dict) -> str:
+        """The event stream's address, from the daemon's status."""
+        if self.url:
+            return remote.on_host_of(self.url, status["listen"]["events_url"])
+        return paths.endpoint(Path(status["events_socket"]))
 
 
 class Client(_Api):
-    """Blocking client. `with Client() as c: c.status()`."""
+    """Blocking client. `with Client() as c: c.status()`. The daemon: `socket` (a path; a tcp://
+    address is taken as `url`), else `url` or $DJINN_CONNECT, else the default socket."""
 
-    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT):
-        self.socket_path = paths.resolve_socket(socket)
+    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT, url: str | None = None,
+                 server_key: str | None = None):
+        self.target = _Target(socket, url, server_key)
+        self.socket_path = self.target.socket_path
         self.timeout = timeout
         self._ctx = zmq.Context.instance()
         self._sock = None
@@ -207,22 +265,22 @@ class Client(_Api):
 
     def close_socket(self):
         if self._sock is not None:
-            self._sock.close(0)
+            self.target.close(self._sock)
             self._sock = None
 
     def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         """The request's result; with wait=False, None once it is sent (the reply is skipped later)."""
         if self._sock is None:
-            _check_socket(self.socket_path)
-            self._sock = _dealer(self._ctx, self.socket_path)
+            self._sock = self.target.open(self._ctx)
         rid = f"{os.getpid()}-{next(_ids)}"
         frame = _frame(rid, method, params)
         try:  # connected: it goes at once (a stat and a poll per call cost ~50 us on a core that slept)
             self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not yet connected, or no longer: give the daemon a moment to accept
             if not self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+                why = self.target.unreachable()
                 self.close_socket()
-                raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
+                raise why
             self._sock.send(frame)
         if not wait:
             return None
@@ -231,7 +289,7 @@ class Client(_Api):
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000)):
                 self.close_socket()  # a late reply must not be read as the next one's
-                raise DjinnError("timeout", f"{method}: no reply from {self.socket_path} within {timeout or self.timeout:.0f} s")
+                raise DjinnError("timeout", f"{method}: no reply from {self.target.where} within {timeout or self.timeout:.0f} s")
             result, mine = _result(self._sock.recv(), rid)
             if mine:
                 return result
@@ -247,8 +305,10 @@ class Client(_Api):
 class AsyncClient(_Api):
     """asyncio client: `async with AsyncClient() as c: await c.status()`."""
 
-    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT):
-        self.socket_path = paths.resolve_socket(socket)
+    def __init__(self, socket=None, timeout: float = DEFAULT_TIMEOUT, url: str | None = None,
+                 server_key: str | None = None):
+        self.target = _Target(socket, url, server_key)
+        self.socket_path = self.target.socket_path
         self.timeout = timeout
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
@@ -261,21 +321,21 @@ class AsyncClient(_Api):
 
     def close_socket(self):
         if self._sock is not None:
-            self._sock.close(0)
+            self.target.close(self._sock)
             self._sock = None
 
     async def call(self, method: str, timeout: float | None = None, wait: bool = True, **params):
         if self._sock is None:
-            _check_socket(self.socket_path)
-            self._sock = _dealer(self._ctx, self.socket_path)
+            self._sock = self.target.open(self._ctx)
         rid = f"{os.getpid()}-a{next(_ids)}"
         frame = _frame(rid, method, params)
         try:  # as Client.call
             await self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             if not await self._sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+                why = self.target.unreachable()
                 self.close_socket()
-                raise _no_daemon(self.socket_path, "nothing listens there: a stale socket?")
+                raise why
             await self._sock.send(frame)
         if not wait:
             return None
@@ -284,7 +344,7 @@ class AsyncClient(_Api):
             left = deadline - time.monotonic()
             if left <= 0 or not await self._sock.poll(int(left * 1000)):
                 self.close_socket()
-                raise DjinnError("timeout", f"{method}: no reply from {self.socket_path} within {timeout or self.timeout:.0f} s")
+                raise DjinnError("timeout", f"{method}: no reply from {self.target.where} within {timeout or self.timeout:.0f} s")
             result, mine = _result(await self._sock.recv(), rid)
             if mine:
                 return result
@@ -294,7 +354,7 @@ class AsyncClient(_Api):
         return post(r) if post else r
 
     async def subscribe(self, types: tuple[str, ...] = ()) -> "AsyncSubscription":
-        return AsyncSubscription(self, (await self.status())["events_socket"], types)
+        return AsyncSubscription(self, self.target.events(await self.status()), types)
 
 
 class _Stream:
@@ -304,14 +364,12 @@ class _Stream:
     in seq is filled from the daemon's memory (samples excepted); `lost` counts what could not be.
     """
 
-    def _open(self, ctx, events_socket: str, types: tuple[str, ...]) -> None:
-        self.endpoint = paths.endpoint(Path(events_socket))
-        self._sock = ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
+    def _open(self, ctx, target: _Target, endpoint: str, types: tuple[str, ...]) -> None:
+        self.endpoint = endpoint
+        self._sock = target.open(ctx, zmq.SUB, endpoint)
         self._sock.setsockopt(zmq.RCVHWM, 200_000)
         for t in types or ("",):
             self._sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        self._sock.connect(self.endpoint)
         self.types = types
         self.last_seq: int | None = None
         self.lost = 0
@@ -341,7 +399,7 @@ class Subscription(_Stream):
 
     def __init__(self, client: Client, types: tuple[str, ...] = ()):
         self.client = client
-        self._open(zmq.Context.instance(), client.status()["events_socket"], types)
+        self._open(zmq.Context.instance(), client.target, client.target.events(client.status()), types)
 
     def recv(self, timeout: float = 1.0) -> dict | None:
         """The next event, or None when none came within `timeout` seconds."""
@@ -365,9 +423,9 @@ class Subscription(_Stream):
 class AsyncSubscription(_Stream):
     """Follows the event stream in asyncio: `sub = await client.subscribe(); await sub.recv()`."""
 
-    def __init__(self, client: AsyncClient, events_socket: str, types: tuple[str, ...] = ()):
+    def __init__(self, client: AsyncClient, endpoint: str, types: tuple[str, ...] = ()):
         self.client = client
-        self._open(zmq.asyncio.Context.instance(), events_socket, types)
+        self._open(zmq.asyncio.Context.instance(), client.target, endpoint, types)
 
     async def recv(self, timeout: float = 1.0) -> dict | None:
         """The next event, or None when none came within `timeout` seconds (0: only one already here)."""

@@ -31,6 +31,8 @@ class DaemonConfig:
     lifo: bool = False
     metrics_port: int | None = None
     busy_poll_us: float = 1000
+    listen: str | None = None  # tcp://HOST:PORT: remote clients with authorized CURVE keys (remote.py)
+    authorized_keys: Path | None = None  # None: `authorized_keys` in the keys folder
 
     @classmethod
     def parse(cls, vram_budget: str | None = None, host_pool: str | None = None, qos_shares: str | None = None,
@@ -65,6 +67,12 @@ class DaemonConfig:
             raise ValueError("--busy-poll-us must be 0-100000")
         if self.sample_hz <= 0:
             raise ValueError("--sample-hz must be above 0")
+        if self.listen is not None:
+            from .remote import check_url
+            try:
+                check_url(self.listen)
+            except ValueError as e:
+                raise ValueError(f"--listen: {e}") from None
 
     def show(self) -> str:
         return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=2)

@@ -134,6 +134,17 @@ def _runtime(config):
     return rt, bus
 
 
+def _listener(config):
+    """--listen's address with the daemon's key pair (made at its first start) and authorized-keys file."""
+    if config.listen is None:
+        return None
+    from .remote import SERVER, keypair
+    from .server import Listener
+    folder = paths.keys(config.socket, config.state_dir)
+    authorized = config.authorized_keys or folder / "authorized_keys"
+    return Listener(config.listen, keypair(folder, SERVER), authorized)
+
+
 def _serve(config, rt, bus) -> int:
     """The sockets, the metrics endpoint and the sampler around the runtime, until told to stop."""
     from .plugins import scenario_catalog
@@ -143,15 +154,26 @@ def _serve(config, rt, bus) -> int:
     from .telemetry import Sampler
 
     sock, events_sock = config.socket, paths.events_socket(config.socket)
+    tcp = _listener(config)
     old_umask = os.umask(0o077)
     try:
-        bus.add_sink(PubSink(zmq.Context.instance(), paths.endpoint(events_sock)))
+        pub = PubSink(zmq.Context.instance(), paths.endpoint(events_sock), tcp)
+        bus.add_sink(pub)
         catalog = scenario_catalog()
         runs = ScenarioRuns(sock, config.logs_dir, bus, catalog) if catalog else None
-        service = Service(rt, bus, sock, events_sock, runs, config.logs_dir)
-        server = Server(service, paths.endpoint(sock), busy_poll_s=config.busy_poll_us / 1e6)
+        service = Service(rt, bus, sock, events_sock, runs, config.logs_dir, config.state_dir)
+        server = Server(service, paths.endpoint(sock), busy_poll_s=config.busy_poll_us / 1e6, tcp=tcp)
+    except zmq.ZMQError as e:  # the TCP address is taken or not this machine's
+        log.error("cannot listen on %s: %s", config.listen, e)
+        bus.close()
+        return 2
     finally:
         os.umask(old_umask)
+    if tcp is not None:
+        service.listen = {"url": server.url, "events_url": pub.url, "server_key": tcp.keys[0],
+                          "authorized_keys": str(tcp.authorized)}
+        log.info("serving remote clients on %s (events on %s), CURVE key %s, authorized keys in %s",
+                 server.url, pub.url, tcp.keys[0], tcp.authorized)
     chmod_socket(sock)
     chmod_socket(events_sock)
     metrics = None

@@ -37,6 +37,17 @@ def journal(sock: Path, state_dir: Path | None = None) -> Path:
     return Path(state_dir) / name if state_dir else sock.with_name(name)
 
 
+def keys(sock: Path, state_dir: Path | None = None) -> Path:
+    """The daemon's CURVE key pair and authorized keys (remote.py): in --state-dir, else beside the socket."""
+    return Path(state_dir) / "keys" if state_dir else sock.with_name(sock.stem + ".keys")
+
+
+def moves(sock: Path, state_dir: Path | None = None) -> Path:
+    """The folder of session files moving between daemons (session.export writes them, session.import
+    reads them): in --state-dir, else beside the socket, where the daemon's other state lives."""
+    return Path(state_dir) / "moves" if state_dir else sock.with_name(sock.stem + ".moves")
+
+
 def endpoint(path: Path) -> str:
     return f"ipc://{path}"
 

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from . import devicecosts, heap
+from . import devicecosts, heap, moves
 from .charges import capacity_for
 from .memory import ROOM_WAIT_S, MemoryManager, RoomHeld
 from .prefetch import Prefetcher
@@ -41,6 +41,11 @@ def _built(s: Session, n: int) -> None:
         seg[-1] = [n, seg[-1][1] + 1]
     else:
         seg.append([n, 1])
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's values as bytes in C order, read on the host (a device temporary would not be charged)."""
+    return t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _as_djinn_error(s: Session, err: Exception) -> DjinnError:
@@ -73,6 +78,7 @@ class Runtime:
         self.prefetch.start()
         self.journal = None  # a journal.Journal: each request's outcome is written there (restore)
         self.stopping = False  # the daemon stops: a generate in flight ends at its next token
+        self._importing = threading.Lock()  # session.import, one at a time: a file makes one session
 
     # -- sessions ------------------------------------------------------------------------------
     def create(self, prompt: str | None = None, token_ids=None, qos: str = "interactive") -> Session:
@@ -254,6 +260,79 @@ class Runtime:
         finally:
             with s.cond:
                 s.generated, s.pending, s.token, s.state = generated, pending, None, State.IDLE
+
+    # -- moving sessions between daemons (moves.py) ------------------------------------------------
+    def export_session(self, sid, folder) -> dict:
+        """Write idle session `sid`'s tokens and KV into a file in `folder`, for another daemon's
+        import; the session keeps what it holds. Its KV is read on the device, so a swapped-out one is
+        brought in first, and a restored one computes its KV first, as its next forward would."""
+        s = self.get(sid)
+        self._take_op(s)  # no forward, append or close comes between the check and the copy
+        try:
+            with s.cond:
+                self._check_idle(s)
+            if self.mem.moving(s):
+                raise DjinnError("bad_state", f"session {s.id} is being swapped; export it once it has moved")
+            if s.replay:
+                self._replay(s)
+            self.mem.pin(s)
+            try:
+                self.mem.swap_in(s, reason="export")
+                cache, n = s.cache, s.cache.seq_len
+                chunks = [_raw(cache.slab[i, ..., :n, :]) for i in range(cache.num_layers)] if n else []
+                header = {"model": self.lm.name, "prompt": list(s.prompt_ids), "generated": list(s.generated),
+                          "pending": list(s.pending), "qos": s.qos, "phase": s.phase,
+                          "segments": s.segments + s.replay, "kv": moves.layout(cache)}
+            finally:
+                self.mem.unpin(s)
+        finally:
+            s.op_lock.release()
+        return moves.write(folder, s.id, header, chunks)
+
+    def import_session(self, folder, name: str, qos: str | None = None) -> Session:
+        """A new session from the file `name` in `folder` (session.export's, from any daemon of this
+        model): the exporter's tokens and KV bytes, so its next tokens are the exporter's. Charged and
+        journaled as any new session; the file is removed once the session holds it."""
+        with self._importing:
+            header, kv, path = moves.read(folder, name, self.lm)
+            s = self._imported(header, kv, qos or header["qos"])
+            try:
+                path.unlink()
+            except OSError as e:
+                log.warning("session %s imported from %s, which could not be removed: %s", s.id, path, e)
+        return s
+
+    def _imported(self, h: dict, kv: bytearray, qos: str) -> Session:
+        """The session a checked header and its KV bytes make, in a slab of the exporter's capacity."""
+        n, cap = h["kv"]["seq_len"], h["kv"]["capacity"]
+        need = cap * self.lm.kv_bytes_per_token
+        if self.mem.fixed + need > self.mem.budget:
+            raise DjinnError("out_of_budget", f"the imported session's KV needs {need} B; the budget leaves "
+                             f"{self.mem.budget - self.mem.fixed} B beside the weights")
+        with self._lock:
+            s = Session(next(self._ids), h["prompt"], qos, self.lm)
+        s.generated, s.pending, s.segments, s.phase = h["generated"], h["pending"], h["segments"], h["phase"]
+        self.mem.register(s)
+        self.mem.pin(s)  # no victim while its slab is filled
+        try:
+            if cap:
+                self.mem.reserve(s, s.cache.bytes_for(cap))
+                s.cache.grow(cap)
+            if n:
+                src = torch.frombuffer(kv, dtype=torch.uint8).view(s.cache.dtype).view(h["kv"]["shape"])
+                s.cache.slab[..., :n, :].copy_(src)
+                for layer in s.cache.layers:
+                    layer.length = n
+        except BaseException:
+            self.mem.unregister(s)
+            s.cache.release()
+            raise
+        with self._lock:
+            self.sessions[s.id] = s
+        self.mem.unpin(s)
+        self._event(s, "created")
+        self._record(s)
+        return s
 
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The RPC adapter: a zmq ROUTER for request/reply and a PUB for events, over Unix sockets.
+"""The RPC adapter: a zmq ROUTER for request/reply and a PUB for events, over Unix sockets (and,
+with --listen, over TCP secured by CURVE as well: remote.py).
 
 The asyncio loop only moves frames: handlers that may block run on a worker pool, so `status`
 and `ping` are answered at once while forwards and swaps are under way. Decode steps that can
@@ -19,22 +20,36 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 import zmq.asyncio
 
-from . import peers, protocol, wire
+from . import peers, protocol, remote, wire
 from .protocol import DjinnError
 from .service import NOT_NOW
 
 log = logging.getLogger("djinnd.server")
 
 
+class Listener:
+    """A TCP address to serve on beside the Unix socket: its CURVE key pair and authorized-keys file."""
+
+    def __init__(self, url: str, keys: tuple[str, str], authorized):
+        self.url, self.keys, self.authorized = url, keys, authorized
+
+    def bind(self, sock: zmq.Socket, url: str) -> str:
+        """Bind `sock` at `url` (after its Unix socket); the address bound."""
+        bound = remote.listen(sock, url, self.keys)
+        peers.watch(sock, bound)
+        return bound
+
+
 class PubSink:
     """Publishes events as [type, json]; called only from the event bus's writer thread."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, tcp: Listener | None = None):
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        peers.own_user_only(self.sock)
+        peers.guard(self.sock, tcp and tcp.authorized)
         self.sock.bind(endpoint)
+        self.url = tcp and tcp.bind(self.sock, remote.events_url(tcp.url))
 
     def write(self, batch):
         for ev, line in batch:
@@ -48,15 +63,16 @@ class PubSink:
 
 
 class Server:
-    def __init__(self, service, endpoint: str, workers: int = 128, busy_poll_s: float = 0.001):
+    def __init__(self, service, endpoint: str, workers: int = 128, busy_poll_s: float = 0.001, tcp: Listener | None = None):
         self.service, self.busy_poll_s = service, busy_poll_s
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME * 4)  # far larger frames cut the peer off
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        peers.own_user_only(self.sock)
+        peers.guard(self.sock, tcp and tcp.authorized)
         self.sock.bind(endpoint)
+        self.url = tcp and tcp.bind(self.sock, tcp.url)
         self.sync_sock = zmq.Socket.shadow(self.sock.underlying)  # the same socket, for the loop's own polls and sends
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="djinn-rpc")
         self._serving: asyncio.Task | None = None

@@ -1,17 +1,20 @@
 """The daemon's request handlers: method name -> runtime call, over parameters the server has had
 checked against the wire table (wire.check)."""
 
+import logging
 import os
 import time
+from pathlib import Path
 
-from . import __version__
+from . import __version__, moves, paths
 from .protocol import DjinnError
 
 NOT_NOW = object()
+log = logging.getLogger("djinnd")
 
 
 class Service:
-    def __init__(self, runtime, bus, socket_path, events_path, scenarios=None, logs_dir=None):
+    def __init__(self, runtime, bus, socket_path, events_path, scenarios=None, logs_dir=None, state_dir=None):
         self.rt, self.bus = runtime, bus
         self.logs_dir = str(logs_dir) if logs_dir else None
         self.socket_path, self.events_path = str(socket_path), str(events_path)
@@ -19,6 +22,8 @@ class Service:
         self.started = time.monotonic()
         self.stop_requested = False
         self.metrics_url = None  # set when the Prometheus endpoint is on
+        self.listen = None  # with --listen: its addresses and the daemon's public key
+        self.moves_dir = _moves_dir(paths.moves(Path(socket_path), state_dir))
 
     def handle(self, method: str, kw: dict):
         """The result of `method`; `kw` are its parameters as wire.check made them."""
@@ -65,7 +70,7 @@ class Service:
                   "capacity_bytes": mem.capacity}
         return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.monotonic() - self.started, 3),
                 "socket": self.socket_path, "events_socket": self.events_path, "logs_dir": self.logs_dir,
-                "metrics_url": self.metrics_url,
+                "metrics_url": self.metrics_url, "listen": self.listen, "moves_dir": str(self.moves_dir),
                 "device": device,
                 "model": lm.describe(), "sessions": len(self.rt.sessions), "memory": mem.figures(),
                 "journal": self._journal(),
@@ -90,7 +95,7 @@ class Service:
         reserved = {"seq", "ts", "mono_ns"} & set(fields)
         if reserved:
             raise DjinnError("bad_params", f"{', '.join(sorted(reserved))} are set by the daemon")
-        return {"seq": self.bus.emit("scenario", **fields)["seq"]}
+        return {"seq": self.bus.emit(type, **fields)["seq"]}
 
     def shutdown(self):
         self.stop_requested = True
@@ -169,6 +174,12 @@ class Service:
         self.rt.close(session)
         return {}
 
+    def export(self, session):
+        return self.rt.export_session(session, self.moves_dir)
+
+    def import_(self, file, qos=None):
+        return {"id": self.rt.import_session(self.moves_dir, file, qos).id}
+
     # -- scenarios -------------------------------------------------------------------------------
     def _runs(self):
         if self.scenarios is None:
@@ -195,9 +206,19 @@ class Service:
         "session.generate": generate, "session.append": append,
         "session.run_to": run_to, "session.resume": resume, "session.inspect": inspect, "session.lens": lens, "session.patch": patch,
         "session.signal_phase": signal_phase, "session.close": close,
+        "session.export": export, "session.import": import_,
         "scenario.list": scenario_list, "scenario.start": scenario_start, "scenario.abort": scenario_abort,
         "scenario.runs": scenario_runs,
     }
+
+
+def _moves_dir(folder: Path) -> Path:
+    """The moves folder, made 0700 at start so a fleet may put files there before any export."""
+    try:
+        moves.prepare(folder)
+    except OSError as e:  # session.export tries again, and says why it cannot
+        log.warning("cannot make the moves folder %s: %s", folder, e)
+    return folder
 
 
 def _device_name(dev) -> str:

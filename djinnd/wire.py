@@ -52,8 +52,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            '`{"seq", "status", "sessions", "samples", "events"}`', "what a client attaching late needs", "snapshot"),
     Method("events.since", (Param("seq", "int", lo=0),), '`{"events": [...], "lost": N}`',
            "non-sample events after `seq`", "events_since"),
-    Method("event.emit", (Param("type", "str", choices=("scenario",)),), '`{"seq"}`',
-           "publish a scenario event (other fields pass through)", "emit", extra=True),
+    Method("event.emit", (Param("type", "str", choices=("scenario", "fleet")),), '`{"seq"}`',
+           "publish a scenario or fleet event (other fields pass through)", "emit", extra=True),
     Method("shutdown", (), "`{}`", "stop gracefully after replying", "shutdown"),
     Method("memory.set_budget", (Param("budget", "size"),), "the memory figures",
            "set the device budget (lowering it swaps out what no longer fits)", "set_budget", slow=True),
@@ -104,6 +104,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "signal_phase", SID, slow=True),
     Method("session.close", (SESSION,), "`{}`", "close (a forward in flight stops at its next decoder layer)",
            "close", SID, slow=True),
+    Method("session.export", (SESSION,), '`{"file", "path", "bytes", "sha256"}`',
+           "write an idle session's tokens and KV into a file in the moves folder (`status.moves_dir`) for "
+           "`session.import` on another daemon: `bytes` the file's size, `sha256` its KV bytes'; the session stays "
+           "as it was", "export_session", SID, slow=True),
+    Method("session.import", (Param("file", "str", lo=1, doc="a file's bare name in the moves folder"),
+                              Param("qos", "str", None, choices=QOS_CLASSES, doc="else the exported session's")),
+           '`{"id"}`', "a new session holding the exported tokens and KV (its next tokens are the exporter's); "
+           "the file is removed", "import_session", slow=True),
     Method("scenario.list", (), '`{"scenarios": [...]}`', "the scenario catalog", "scenarios"),
     Method("scenario.start", (Param("name", "str"), Param("set", "object", None, doc="`{key: value}`")),
            '`{"run", "output"}`', "launch a scenario run", "start_scenario", {"sets": ("set",)}),
