@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from . import quickexit
+from .cli_fleet import app as fleet_app
 from .client import Client, DjinnError
 from .sizes import format_size
 
@@ -17,6 +18,7 @@ app.add_typer(session_app, name="session")
 app.add_typer(logs_app, name="logs")
 keys_app = typer.Typer(help="CURVE keys for remote clients (djinn --connect, djinnd start --listen).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(fleet_app, name="fleet")
 
 SocketOpt = typer.Option(None, "--socket", help="daemon socket (default: $DJINN_SOCKET or the standard path)")
 JsonOpt = typer.Option(False, "--json", help="print JSON")
