@@ -295,16 +295,35 @@ def main(argv=None) -> int:
                     help="that daemon's public key (default: the one `djinn keys trust` remembered)")
     ap.add_argument("--launch", metavar="SCENARIO", help="launch this scenario once attached (e.g. exp3)")
     ap.add_argument("--export-dir", help="where the export key writes (default: the run folder or logs/exports)")
+    ap.add_argument("--fleet", metavar="ADDRESS", nargs="?", const="auto",
+                    help="the daemons of a Ray fleet (djinn fleet up) instead of one; ADDRESS: the Ray cluster's")
     ap.add_argument("--replay", metavar="PATH",
                     help="open a finished run without a daemon: its folder (logs/<scenario>/<stamp>) or an events file")
     args = ap.parse_args(argv)
     if args.replay:
         from .replay import main as replay  # a separate app: no socket, no link
         return replay(args.replay)
+    if args.fleet:
+        opened = _fleet(args.fleet)
+        if opened is None:
+            return 0
+        args.connect, args.server_key = opened
     if args.server_key:
         os.environ["DJINN_SERVER_KEY"] = args.server_key
     DjinnConsole(args.connect or args.socket, launch=args.launch, export_dir=args.export_dir).run()
     return 0
+
+
+def _fleet(address: str):
+    """The fleet view; the (URL, server key) of the daemon opened from it, or None."""
+    from djinnd import Fleet
+    from .fleet import FleetConsole
+    try:
+        fleet = Fleet(address)  # joins the Ray cluster here, on the main thread, before the app runs
+    except Exception as e:  # noqa: BLE001 - no cluster, no fleet, no Ray: one line
+        print(f"djinn-console: no fleet at {address}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return FleetConsole(fleet).run()
 
 
 if __name__ == "__main__":

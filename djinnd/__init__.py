@@ -26,14 +26,17 @@ __all__ = [
     "ForkServer",
     "export_events", "parse_ts", "read_events", "tail_lines", "write_events",
     "default_logs_dir", "resolve_socket", "is_url", "format_size", "parse_size", "parse_shares", "compact_stamp", "utc_stamp",
-    "load_model", "parse_dtype", "default_budget", "default_capacity", "estimate", "percentile",
+    "load_model", "parse_dtype", "Fleet", "default_budget", "default_capacity", "estimate", "percentile",
 ]
 
 
 
 def __getattr__(name: str):
-    """The model loader (it imports torch, ~2 s), imported when first asked for."""
+    """The model loader (it imports torch, ~2 s) and the fleet (Ray, an extra), imported when first asked for."""
     if name in ("load_model", "parse_dtype"):
         from . import models
         return getattr(models, name)
+    if name == "Fleet":
+        from .fleet import Fleet
+        return Fleet
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import djinn
+from conftest import djinn, until
+
+from console.fleet import FleetConsole
 from djinnd import Client, fleet, remote
 
 pytestmark = pytest.mark.slow
@@ -110,6 +112,19 @@ def test_the_move_bench_measures_moves_beside_a_memory_copy(world):
     assert all(0 < r["ratio"] < 1 and r["p50_ms"] > 0 for r in rows), rows
 
 
+@pytest.mark.asyncio
+async def test_the_console_fleet_view_shows_every_daemon_and_opens_one(world):
+    from textual.widgets import DataTable
+    app = FleetConsole(world.fleet)
+    async with app.run_test(size=(150, 30)) as pilot:
+        table = app.query_one(DataTable)
+        await until(pilot, lambda: table.row_count == 2, what="the fleet's daemons")
+        cells = [[str(c) for c in table.get_row(k)] for k in ("djinnd-0", "djinnd-1")]
+        assert [c[1] for c in cells] == ["up", "up"] and all(c[2].startswith("tcp://") for c in cells), cells
+        await pilot.press("down", "enter")
+    assert app.return_value == (world.fleet.daemons()["djinnd-1"]["url"], world.fleet.daemons()["djinnd-1"]["server_key"])
+
+
 def test_a_daemon_whose_process_dies_comes_back_with_its_sessions(world):
     fid = world.moved  # on djinnd-1 now, 10 tokens decoded
     before = world.fleet.session(fid)["tokens"]
@@ -149,3 +164,13 @@ def test_a_node_that_goes_away_reports_its_daemons_dead_and_their_sessions_lost_
     assert {world.kept, world.moved} <= lost  # said, by id: never silently
     out = djinn("fleet", "status", "--address", world.cluster.address, timeout=120)
     assert out.returncode == 0 and "lost sessions:" in out.stdout and world.kept in out.stdout, out.stdout
+
+
+@pytest.mark.asyncio
+async def test_the_console_fleet_view_names_the_sessions_lost(world):
+    from textual.widgets import DataTable
+    app = FleetConsole(world.fleet)
+    async with app.run_test(size=(150, 30)) as pilot:
+        lost = app.query_one("#fleet-lost")
+        await until(pilot, lambda: world.kept in str(lost.render()), what="the lost sessions")
+        assert [str(c) for c in app.query_one(DataTable).get_row("djinnd-0")][1] == "dead"
