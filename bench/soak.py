@@ -28,8 +28,8 @@ for, and every token answered still there in order) and prints each session's re
 answered and then missing fails. The daemon never exits unless killed here. After every session is
 closed, its fds and threads are back to the baseline (taken after a warm-up on the first daemon)
 within 2, its RSS within +50 MiB (the end daemon is the one the last restart started; the events it
-keeps in memory for events.since, up to 100,000, are counted from its event log and printed beside
-it), its host-pool and disk-tier bytes at 0 and the spill folder holds no swap file. The RPC
+keeps in memory for events.since, the last 100,000 and at most 16 MiB of their JSON, are counted
+from its event log and printed beside it), its host-pool and disk-tier bytes at 0 and the spill folder holds no swap file. The RPC
 worker pool keeps its threads once started: baseline and end are both taken after the same burst of
 concurrent requests, so the pool has the same size unless the soak outgrew it.
 
@@ -61,6 +61,7 @@ from bench.common import load_line, machine_line  # noqa: E402
 from djinnd import PrivateDaemon  # noqa: E402
 from djinnd import paths, protocol  # noqa: E402
 from djinnd.protocol import DjinnError  # noqa: E402
+from djinnd.telemetry import KEEP_EVENT_BYTES, KEEP_EVENTS  # noqa: E402
 
 ACCEPTED = {"out_of_budget", "bad_state", "unknown_session", "swap_failed"}
 REQUEST_TIMEOUT = 180.0  # s: a request unanswered this long while the daemon is up is a hang
@@ -69,7 +70,6 @@ PROMPTS = 12
 SESSIONS_PER_CLIENT = 3
 NEAR_TIE = 1e-3  # logits closer than this may be tipped by the last bits
 RSS_TOLERANCE = 50 << 20
-KEEP_EVENTS = 100_000  # events (other than samples) a daemon keeps in memory for events.since: telemetry.EventBus
 COUNT_TOLERANCE = 2
 MIB = 1 << 20
 T0 = time.monotonic()  # the history of a session is timed from here
@@ -519,15 +519,29 @@ def figures(soak: Soak, conn: Conn, trim: int | None = None) -> dict:
             "spill_files": len([p for p in soak.spill.glob("*.swap")]) if soak.spill.exists() else 0}
 
 
-def events_emitted(soak: Soak, pid: int) -> int:
-    """Events other than `vram` samples that daemon `pid` emitted, from its event log: it keeps the last
-    KEEP_EVENTS of them in memory, as it should, and they are part of its RSS (~700 B each in this soak)."""
-    n = 0
-    for path in (soak.folder / "logs" / "daemon").glob(f"events-*-{pid}.jsonl*"):
+def events_kept(soak: Soak, pid: int) -> tuple[int, int, int]:
+    """The events other than `vram` samples that daemon `pid` keeps in memory for events.since, and the
+    bytes of their JSON, from its event log (the same JSON, a line each): the last KEEP_EVENTS, at most
+    KEEP_EVENT_BYTES of JSON (telemetry.EventBus). They are part of its RSS: their JSON and ~40 B each.
+    Also how many `error` events it emitted in all."""
+    kept, nbytes, errors = collections.deque(), 0, 0
+    for path in sorted((soak.folder / "logs" / "daemon").glob(f"events-*-{pid}.jsonl*"), key=_log_part):
         with open(path, "rb") as f:
             for line in f:
-                n += b'"type":"vram"' not in line
-    return n
+                if b'"type":"vram"' in line:
+                    continue
+                errors += b'"type":"error"' in line
+                kept.append(len(line) - 1)
+                nbytes += kept[-1]
+                while len(kept) > KEEP_EVENTS or (nbytes > KEEP_EVENT_BYTES and len(kept) > 1):
+                    nbytes -= kept.popleft()
+    return len(kept), nbytes, errors
+
+
+def _log_part(path: Path) -> int:
+    """events-....jsonl, then .jsonl.1, .jsonl.2, ...: the order they were written."""
+    tail = path.name.rsplit(".jsonl", 1)[1]
+    return int(tail[1:]) if tail else 0
 
 
 def mount_tmpfs(folder: Path, size: str) -> str | None:
@@ -620,7 +634,7 @@ def run(soak: Soak, a) -> int:
     burst(soak, pool, soak.prompts[0])
     time.sleep(0.5)
     base = figures(soak, conn, trim=weights + MIB)
-    base["events"] = min(KEEP_EVENTS, events_emitted(soak, base["pid"]))
+    base["events"], base["event_bytes"], base["error_events"] = events_kept(soak, base["pid"])
     print(f"references and warm-up: {time.monotonic() - t0:.1f} s; baseline (pid {base['pid']}): {base['fds']} fds, "
           f"{base['rss'] / MIB:.1f} MiB RSS, {base['threads']} threads")
 
@@ -715,7 +729,7 @@ def run(soak: Soak, a) -> int:
             break
         time.sleep(0.1)
     conn.close()
-    end["events"] = min(KEEP_EVENTS, events_emitted(soak, end["pid"]))
+    end["events"], end["event_bytes"], end["error_events"] = events_kept(soak, end["pid"])
     log_lines = soak.daemon.output().splitlines()
     tracebacks = sum("Traceback" in ln for ln in log_lines)
     errors = [ln for ln in log_lines if " ERROR " in ln]
@@ -778,7 +792,9 @@ def run(soak: Soak, a) -> int:
     print(f"  host B    {base['host_bytes']:>10}   {end['host_bytes']:>10}")
     print(f"  disk B    {base['disk_bytes']:>10}   {end['disk_bytes']:>10}   (swap files left: {end['spill_files']})")
     print(f"  events    {base['events']:>10}   {end['events']:>10}   (kept in the daemon's memory for events.since: "
-          f"the last {KEEP_EVENTS:,} at most)")
+          f"the last {KEEP_EVENTS:,}, {KEEP_EVENT_BYTES / MIB:.0f} MiB of JSON at most)")
+    print(f"  event MiB {base['event_bytes'] / MIB:>10.1f}   {end['event_bytes'] / MIB:>10.1f}   (their JSON; "
+          f"error events the daemon emitted: {base['error_events']} -> {end['error_events']})")
     if end["pid"] != base["pid"]:
         print(f"  (the baseline is the first daemon's, after the warm-up; the end is daemon {end['pid']}'s, started by "
               f"the last restart, after every session closed)")

@@ -41,6 +41,7 @@ from .swappool import DiskTier, HostPool, Stored, u8
 
 ROOM_WAIT_S = 60.0  # how long a request waits for room that running sessions hold before it fails
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk tier without room: waiting does not make any
+ERROR_EVERY_S = 1.0  # at most one `error` event a second for each kind of swap failure (see `_report`)
 
 
 class RoomHeld(DjinnError):
@@ -87,6 +88,8 @@ class MemoryManager:
         self.swap_enabled = True
         self.counters = {"swap_outs": 0, "swap_ins": 0, "bytes_out": 0, "bytes_in": 0, "demotions": 0, "failures": 0}
         self.latencies = deque(maxlen=10000)  # (direction, ms, gbps)
+        self._reported: dict = {}  # (where, tier, cause) -> (when its last error event went, how many since not)
+        self._report_lock = threading.Lock()
         self._streams = {"out": torch.cuda.Stream(device), "in": torch.cuda.Stream(device)} if self.cuda else {}
         self.spares = None if self.cuda else Spares()  # CUDA's caching allocator keeps freed blocks itself
         # CUDA: what the allocator holds beyond the books before any session (telemetry's drift check)
@@ -291,9 +294,11 @@ class MemoryManager:
 
         Under the room lock the coldest victims that cover the shortfall are claimed (moving: no other
         requester counts them); their copies run after it is let go, beside other requesters' own.
-        Victims another requester is moving out are not counted: their room is that requester's."""
-        full, stuck, tried = None, 0, set()
-        while True:
+        Victims another requester is moving out are not counted: their room is that requester's. Once a
+        full disk tier refuses one, only victims that fit the host pool's free room as it is are tried:
+        the others would meet the same tier (each try a write that fails, and an error event)."""
+        full, tried = None, set()
+        while full is None:
             with self.lock, self.acct:
                 short = self.used + nbytes - self.budget
                 picked = []
@@ -308,21 +313,32 @@ class MemoryManager:
                 break
             for i, (v, pins_taken) in enumerate(picked):
                 tried.add(v)
+                if full is not None and v.charge > self.host.largest_free():  # it would meet the full tier too
+                    self._unclaim_all([(v, pins_taken)])
+                    continue
                 try:
                     self._swap_out_claimed(v, pins_taken, "evict", None)
                 except TierFull as e:
-                    full, stuck = e, stuck + v.charge
+                    full = e
                 except DjinnError:
                     continue  # that one could not move; try the next
                 except BaseException:
-                    with self.acct:  # the victims not reached yet are nobody's to move
-                        for w, _ in picked[i + 1:]:
-                            self._unclaim(w)
+                    self._unclaim_all(picked[i + 1:])
                     raise
         with self.acct:
             if self.used + nbytes <= self.budget:
                 return True, None
-            return False, full if full is not None and self.used - stuck + nbytes <= self.budget else None
+            if full is None:
+                return False, None
+            # the full tier is why, when the sessions that may move (the one that failed among them) would make the room
+            movable = sum(o.charge for o in self._victims(requester))
+            return False, full if self.used - movable + nbytes <= self.budget else None
+
+    def _unclaim_all(self, picked) -> None:
+        """Victims claimed and not reached: nobody's to move again."""
+        with self.acct:
+            for w, _ in picked:
+                self._unclaim(w)
 
     def _victims(self, requester):  # holding acct (or reading a snapshot: each may have moved since)
         if not self.swap_enabled:
@@ -376,7 +392,7 @@ class MemoryManager:
             self.count("failures")
             err = (TierFull(s.id, self.disk.folder, e) if isinstance(e, OSError) and e.errno in DISK_FULL
                    else DjinnError("swap_failed", f"swap-out of session {s.id} failed: {e}"))
-            self.bus.emit("error", where="swap_out", session=s.id, message=err.message)
+            self._report("swap_out", (stored.tier if stored else "host", _cause(e)), err.message, session=s.id)
             raise err from None
         ms = self._elapsed(t0, stream, stored.tier)  # waits for the copies (no lock held): only then may the storage go
         with self.acct:
@@ -440,7 +456,7 @@ class MemoryManager:
             except OSError as e:
                 with self.acct:
                     self._unclaim(o)
-                self.bus.emit("error", where="demote", session=o.id, message=f"demotion of session {o.id} to disk failed: {e}")
+                self._report("demote", ("disk", _cause(e)), f"demotion of session {o.id} to disk failed: {e}", session=o.id)
                 return
             except BaseException:
                 with self.acct:
@@ -516,7 +532,7 @@ class MemoryManager:
                 st.resize_(0)
             self.release(s, need)
             self.count("failures")
-            self.bus.emit("error", where="swap_in", session=s.id, message=f"swap-in of session {s.id} failed: {e}")
+            self._report("swap_in", (stored.tier, _cause(e)), f"swap-in of session {s.id} failed: {e}", session=s.id)
             raise DjinnError("swap_failed", f"swap-in of session {s.id} failed: {e}") from None
         ms = self._elapsed(t0, stream, stored.tier)  # no lock held while it waits for the copy
         with self.acct:
@@ -541,6 +557,23 @@ class MemoryManager:
             self.host.release(st.offset, st.nbytes)
         else:
             self.disk.remove(st.path, st.nbytes)
+
+    def _report(self, where: str, kind: tuple, message: str, **fields) -> None:
+        """An `error` event for a failed swap or demotion, at most one every ERROR_EVERY_S for each
+        (where, tier, cause): a full disk tier fails every request that needs room, thousands a minute.
+        The others are counted (`counters["failures"]` counts them all) and the next event reported
+        says how many were not (`suppressed`)."""
+        key, now = (where, *kind), time.monotonic()
+        with self._report_lock:
+            last, n = self._reported.get(key, (None, 0))
+            if last is not None and now - last < ERROR_EVERY_S:
+                self._reported[key] = (last, n + 1)
+                return
+            self._reported[key] = (now, 0)
+        if n:
+            fields["suppressed"] = n
+            message += f" ({n} more like it in the {now - last:.1f} s since the last one reported)"
+        self.bus.emit("error", where=where, message=message, **fields)
 
     def count(self, key: str, n: int = 1) -> None:
         with self.acct:
@@ -613,6 +646,11 @@ def _unique_storages(tensors) -> list[torch.UntypedStorage]:
             seen.add(key)
             out.append(st)
     return out
+
+
+def _cause(e: BaseException):
+    """What a swap failure is, for counting alike ones: its errno, else the kind of exception."""
+    return getattr(e, "errno", None) or type(e).__name__
 
 
 def _gbps(nbytes: int, ms: float) -> float:

@@ -1,7 +1,9 @@
 """One event stream: every event gets a sequence number and two clocks, goes to the subscribers
 and to a JSON Lines log, and recent ones stay in memory for snapshots and gap repair."""
 
+import bisect
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -12,6 +14,8 @@ from collections import deque
 from pathlib import Path
 
 import psutil
+
+from . import protocol
 
 log = logging.getLogger("djinnd.telemetry")
 
@@ -59,14 +63,33 @@ def compact_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-class EventBus:
-    """Thread-safe emit(); a single writer thread feeds the sinks in sequence order."""
+KEEP_EVENTS = 100_000  # non-sample events kept in memory for `events.since` and `snapshot`, at most ...
+KEEP_EVENT_BYTES = 16 << 20  # ... and at most this many bytes of their JSON (the oldest go first)
+KEEP_SAMPLES = 6000  # `vram` samples: ten minutes at 10 Hz
+_SEQ_AT = len(b'{"seq":')  # every event's JSON starts so: its seq is read without decoding it
 
-    def __init__(self, keep_events: int = 100_000, keep_samples: int = 6000):
+
+def _seq_of(line: bytes) -> int:
+    return int(line[_SEQ_AT:line.index(b",", _SEQ_AT)])
+
+
+class EventBus:
+    """Thread-safe emit(); a single writer thread feeds the sinks in sequence order.
+
+    Each event is serialised once, in emit(): the sinks get that JSON, and the history (`events`,
+    `samples`) keeps it as bytes, decoded only when `since` or `recent` asks (a kept event costs its
+    JSON and ~40 B, not a dict of Python objects: ~250 B against ~700 B for a swap-failure error).
+    The history keeps the last `keep_events` non-sample events and at most `keep_bytes` of their JSON.
+    """
+
+    def __init__(self, keep_events: int = KEEP_EVENTS, keep_samples: int = KEEP_SAMPLES,
+                 keep_bytes: int = KEEP_EVENT_BYTES):
         self._lock = threading.Lock()
         self.seq = 0
-        self.events = deque(maxlen=keep_events)  # everything but samples: repairable after a gap
-        self.samples = deque(maxlen=keep_samples)  # `vram` samples: ten minutes at 10 Hz
+        self.keep_events, self.keep_bytes = keep_events, keep_bytes
+        self.events: deque[bytes] = deque()  # everything but samples, as JSON: repairable after a gap
+        self.events_bytes = 0  # the JSON bytes in `events`
+        self.samples: deque[bytes] = deque(maxlen=keep_samples)  # `vram` samples, as JSON
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks = []
         self._thread = threading.Thread(target=self._run, name="djinn-events", daemon=True)
@@ -83,22 +106,38 @@ class EventBus:
         with self._lock:
             self.seq += 1
             ev = {"seq": self.seq, "ts": utc_stamp(), "mono_ns": time.monotonic_ns(), "type": type, **fields}
-            (self.samples if type == "vram" else self.events).append(ev)
-            self._queue.put(ev)
+            line = json.dumps(ev, separators=(",", ":"), default=protocol._default).encode()
+            if type == "vram":
+                self.samples.append(line)
+            else:
+                self._keep(line)
+            self._queue.put((ev, line))
         return ev
+
+    def _keep(self, line: bytes) -> None:  # holding _lock
+        events = self.events
+        events.append(line)
+        self.events_bytes += len(line)
+        while len(events) > self.keep_events or (self.events_bytes > self.keep_bytes and len(events) > 1):
+            self.events_bytes -= len(events.popleft())
 
     def since(self, seq: int) -> tuple[list[dict], int]:
         """Non-sample events after `seq`, and how many of those are no longer kept."""
         with self._lock:
-            kept = [e for e in self.events if e["seq"] > seq]
-        oldest = self.events[0]["seq"] if self.events else self.seq + 1
+            kept = list(self.events)
+            last = self.seq
+        oldest = _seq_of(kept[0]) if kept else last + 1
         lost = max(0, oldest - seq - 1) if seq < oldest - 1 else 0
-        return kept, lost
+        first = bisect.bisect_right(kept, seq, key=_seq_of)  # kept in sequence order
+        return [json.loads(line) for line in kept[first:]], lost
 
     def recent(self, n: int, samples: bool = False) -> list[dict]:
         """The last `n` samples, or the last `n` other events."""
+        if n <= 0:
+            return []
         with self._lock:
-            return list(self.samples if samples else self.events)[-n:] if n > 0 else []
+            lines = list(itertools.islice(reversed(self.samples if samples else self.events), n))
+        return [json.loads(line) for line in reversed(lines)]
 
     def _run(self):
         while True:
@@ -109,7 +148,7 @@ class EventBus:
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            batch = [(e, json.dumps(e, separators=(",", ":")).encode()) for e in batch if e is not None]
+            batch = [e for e in batch if e is not None]  # (event, its JSON): made once, in emit
             for sink in self._sinks:
                 try:
                     sink.write(batch)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 import psutil
 import pytest
@@ -490,6 +491,46 @@ def test_a_request_needing_room_the_full_disk_tier_cannot_make_fails_at_once_and
     assert [rt.resume(b.id)["token"]] + rt.generate(b.id, 3) == expected  # intact where it stayed
     full.clear()  # room again: the same request works
     assert rt.run_to(c.id, [2]) == {"state": "paused", "layer": 2} and b.location == "disk"
+
+
+def test_a_full_disk_tier_is_met_once_a_request_and_its_errors_are_reported_once_a_second(make_rt, tmp_path, monkeypatch):
+    """Issue 24: making room stops at the first victim the full disk tier refuses (the next ones would
+    meet it too: each try is a write that fails and an error event), the request still fails at once
+    naming the tier, and alike failures are one error event a second, the next saying how many were not."""
+    from djinnd import memory
+    monkeypatch.setattr(memory, "ERROR_EVERY_S", 3600.0)
+    rt = make_rt(budget_extra=4 << 20, host_pool=0, spill_dir=tmp_path / "spill")
+    small = [rt.create(token_ids=[5 + i for i in range(20)]) for _ in range(6)]
+    for s in small:
+        rt.run_to(s.id, [2])
+    assert all(s.location == "device" for s in small)
+    tries = []
+
+    def full(name, parts, total):  # a disk with room for nothing more, as ENOSPC reports it
+        tries.append(name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rt.mem.disk.folder / f"{name}.swap"))
+
+    rt.mem.disk.write = full
+    big = rt.create(token_ids=LONG)  # paused, it needs the room of 4 of the small ones
+    t0 = time.monotonic()
+    for _ in range(5):
+        with pytest.raises(DjinnError) as e:
+            rt.run_to(big.id, [2])
+        assert e.value.code == "out_of_budget"
+        assert f"the disk tier {rt.mem.disk.folder} is full (No space left on device)" in e.value.message
+    assert time.monotonic() - t0 < 30  # at once, not after the wait for room that running sessions hold
+    assert len(tries) == 5  # one victim tried a request, not each in turn
+    assert all(s.location == "device" and s.state == "paused" for s in small) and big.charge == 0
+    assert rt.mem.counters["failures"] == 5
+    errors = [ev for ev in rt.bus.all if ev["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["where"] == "swap_out" and "suppressed" not in errors[0]
+    assert "is full (No space left on device)" in errors[0]["message"]
+    monkeypatch.setattr(memory, "ERROR_EVERY_S", 0.0)
+    with pytest.raises(DjinnError):
+        rt.run_to(big.id, [2])
+    errors = [ev for ev in rt.bus.all if ev["type"] == "error"]
+    assert len(errors) == 2 and errors[1]["suppressed"] == 4
+    assert "is full (No space left on device) (4 more like it in the " in errors[1]["message"]
 
 
 @pytest.fixture

@@ -366,3 +366,53 @@ def test_exp3_judges_cuda_samples_by_the_device_and_vram_csv_carries_its_columns
                              "drift", "drift_limit"]
     assert rows[3]["used"] == rows[3]["allocated"] == str(44 * mib) and rows[3]["ledger"] == str(43 * mib)
     assert rows[3]["drift"] == str(-3 * mib)
+
+
+def test_the_history_keeps_each_event_as_the_json_the_sinks_got_and_gives_it_back_the_same():
+    from djinnd.telemetry import EventBus
+
+    class Sink:
+        def __init__(self):
+            self.lines = []
+
+        def write(self, batch):
+            self.lines += [line for _, line in batch]
+
+        def close(self):
+            pass
+
+    bus, sink = EventBus(), Sink()
+    bus.add_sink(sink)
+    sent = [bus.emit("session", session=i, action="created", location=("device", i)) for i in range(5)]
+    sent.insert(2, bus.emit("vram", used_bytes=7))
+    bus.close()
+    assert all(isinstance(line, bytes) for line in bus.events) and len(bus.samples) == 1
+    events = [e for e in sent if e["type"] != "vram"]
+    assert list(bus.events) == [line for line in sink.lines if b'"vram"' not in line]  # the same bytes, made once
+    assert bus.events_bytes == sum(map(len, bus.events))
+    as_json = [json.loads(json.dumps(e)) for e in events]  # (a tuple comes back a list, as over the wire)
+    assert bus.recent(500) == as_json and bus.recent(2) == as_json[-2:] and bus.recent(0) == []
+    assert bus.recent(10, samples=True) == [json.loads(json.dumps(sent[2]))]
+    assert bus.since(0) == (as_json, 0)
+    assert bus.since(3) == ([e for e in as_json if e["seq"] > 3], 0)
+    assert bus.since(6) == ([], 0) and bus.since(60) == ([], 0)
+
+
+def test_the_history_is_bounded_by_bytes_as_well_as_by_count_and_counts_what_it_dropped_as_lost():
+    from djinnd.telemetry import EventBus
+    bus = EventBus(keep_events=50, keep_bytes=4000)
+    for i in range(200):
+        bus.emit("session", session=i, action="created")
+    bus.close()
+    n = len(bus.events)
+    assert n < 50 and bus.events_bytes <= 4000 < bus.events_bytes + len(bus.events[0])  # the bytes bind first
+    events, lost = bus.since(0)
+    assert [e["seq"] for e in events] == list(range(201 - n, 201)) and lost == 200 - n
+    events, lost = bus.since(195)
+    assert [e["seq"] for e in events] == [196, 197, 198, 199, 200] and lost == 0
+    bus = EventBus(keep_events=10)
+    for i in range(30):
+        bus.emit("session", session=i, action="created")
+    bus.close()
+    events, lost = bus.since(5)
+    assert [e["seq"] for e in events] == list(range(21, 31)) and lost == 15
