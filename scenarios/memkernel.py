@@ -97,7 +97,7 @@ def planned(p: dict, model: dict, context: int) -> dict:
 
 def resolve_budget(ctx, p: dict, model: dict, mem: dict, plan: dict) -> int:
     weights = mem["weights_bytes"] + mem.get("overhead_bytes", 0)
-    act = p["prompt_max"] * int(model.get("activation_bytes_per_token") or 0)
+    act = estimate(model, p["prompt_max"])["activation_bytes"]  # as the daemon charges a paused prefill
     least = weights + plan["largest_session_kv_bytes"] + act  # one session's prefill alone must fit
     if p["budget"] == "daemon":
         budget = mem["budget_bytes"]
