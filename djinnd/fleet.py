@@ -11,6 +11,7 @@ actor is gone is started again on the same node when it can be, else its session
 lost, by id. Nothing here is imported by the single-box daemon.
 """
 
+import inspect
 import os
 import socket as socketlib
 import time
@@ -286,7 +287,8 @@ class Fleet:
 
     def __getattr__(self, method: str):
         """Any session method of Client, by fleet id: `fleet.generate(fid, 4)`."""
-        if method.startswith("_") or not callable(getattr(Client, method, None)):
+        fn = getattr(Client, method, None)
+        if method.startswith("_") or not callable(fn) or list(inspect.signature(fn).parameters)[1:2] != ["sid"]:
             raise AttributeError(method)
 
         def call(fid: str, *args, **kw):
