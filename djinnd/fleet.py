@@ -92,8 +92,11 @@ class DaemonActor:
         host = ray.util.get_node_ip_address()
         self.daemon = PrivateDaemon("--listen", f"tcp://{host}:0", "--state-dir", str(self.folder / "state"), *args,
                                     folder=self.folder)
-        if not is_locked(self.daemon.socket):  # else its daemon outlived an earlier actor: it is adopted
-            self.daemon.start()
+        deadline = time.monotonic() + 30  # an earlier actor's daemon stops when that actor is gone (SIGTERM)
+        while is_locked(self.daemon.socket) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not is_locked(self.daemon.socket):  # else one still serves there: it is adopted
+            self.daemon.start()  # its journal brings its sessions back
         self.restarts = 0
 
     def info(self) -> dict:

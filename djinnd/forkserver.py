@@ -10,8 +10,10 @@ A `djinn` child (a scenario run, which may start private daemons of its own) get
 own, forked from itself before it runs anything.
 
 Wire (JSON lines over the server's stdin and stdout): a request {"program", "argv", "env", "cwd",
-"log", "err"} is answered {"pid"}; each child's end is reported {"exit": pid, "code"}. The server ends when
-its stdin closes (its parent is gone); children it leaves run on, as Popen's would.
+"log", "err", "with_parent"} is answered {"pid"}; each child's end is reported {"exit": pid, "code"}.
+The server ends when its stdin closes (its parent is gone); children it leaves run on, as Popen's
+would, but for those asked `with_parent`: they get SIGTERM then (a private daemon of a process that
+was SIGKILLed stops as `djinnd stop` stops it, instead of serving on for nobody).
 """
 
 import json
@@ -39,6 +41,8 @@ def main() -> None:
 
 def _run(request: dict) -> None:
     """The child: become what the request asks for and run its main."""
+    if request.get("with_parent"):
+        _die_with(request["server"])
     _become(request)
     if request["program"] == "djinn":
         from .cli import main
@@ -66,7 +70,7 @@ def _serve() -> dict:
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                request = json.loads(line)
+                request = {**json.loads(line), "server": os.getpid()}
                 pid = os.fork()
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
@@ -85,6 +89,17 @@ def _reap() -> None:
         if pid == 0:
             return
         _send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _die_with(server: int) -> None:
+    """SIGTERM this child when the server that forked it ends (Linux's parent-death signal)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: it runs on, as before
+        return
+    if os.getppid() != server:  # the server ended before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _send(msg: dict) -> None:
@@ -149,10 +164,12 @@ class ForkServer:
             self.cond.notify_all()
 
     def spawn(self, argv: list[str], env: dict, log: str, program: str = "djinnd", cwd: str | None = None,
-              err: str | None = None) -> "Forked":
-        """`program` ("djinnd" or "djinn") with `argv`, its output to the file `log` (stderr to `err` if given)."""
+              err: str | None = None, with_parent: bool = False) -> "Forked":
+        """`program` ("djinnd" or "djinn") with `argv`, its output to the file `log` (stderr to `err` if
+        given); `with_parent`: SIGTERM it when this process (and so its server) is gone."""
         slot: list = []
-        request = {"program": program, "argv": argv, "env": env, "cwd": cwd or os.getcwd(), "log": log, "err": err}
+        request = {"program": program, "argv": argv, "env": env, "cwd": cwd or os.getcwd(), "log": log, "err": err,
+                   "with_parent": with_parent}
         request = json.dumps(request).encode() + b"\n"
         with self.cond:
             if self.gone:

@@ -1,7 +1,8 @@
 """djinnd in a child process of its own, for one run: a scenario with no daemon to use, a test, a
 benchmark. It serves on a short socket under /tmp (ipc paths must stay under ~100 bytes), writes
-its output to logs/daemon/djinnd.log, and is stopped the way systemd stops it (SIGTERM). It is
-forked from the process's fork server (forkserver.py), which has imported torch once for them all."""
+its output to logs/daemon/djinnd.log, and is stopped the way systemd stops it (SIGTERM): by `stop`,
+or when the process that started it is gone, even by SIGKILL. It is forked from the process's fork
+server (forkserver.py), which has imported torch once for them all."""
 
 import os
 import shutil
@@ -53,7 +54,7 @@ class PrivateDaemon:
     def start(self, timeout: float = 300.0) -> "PrivateDaemon":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.proc = ForkServer.shared().spawn(["start", "--socket", str(self.socket), "--logs", str(self.logs), *self.args],
-                                              self.env, str(self.log_file))
+                                              self.env, str(self.log_file), with_parent=True)
         why = wait_serving(self.proc, self.socket, timeout)
         if why is None:
             return self

@@ -473,3 +473,34 @@ def test_another_user_is_refused_even_where_the_socket_file_lets_them_in(daemon)
     finally:
         os.chmod(daemon.folder, 0o700), os.chmod(sock.parent, 0o700)
     assert "refused a connection from uid 65534" in daemon.output()
+
+
+@pytest.mark.slow
+def test_a_private_daemon_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    """A scenario run (or a fleet actor) SIGKILLed leaves no daemon serving for nobody: it gets SIGTERM
+    and stops as `djinnd stop` stops it (socket removed, journal kept)."""
+    import psutil
+    code = ("import sys, time\nfrom pathlib import Path\nfrom djinnd import PrivateDaemon\n"
+            "d = PrivateDaemon('--device', 'cpu', folder=Path(sys.argv[1])).start()\n"
+            "print(d.proc.pid, flush=True)\ntime.sleep(600)\n")
+    starter = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(starter.stdout.readline())
+        sock = tmp_path / "run" / "djinnd.sock"
+        assert sock.exists()
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the daemon served on after its starter was killed")
+        assert not sock.exists() and (tmp_path / "run" / "djinnd.journal.sqlite").exists()  # a graceful stop
+    finally:
+        starter.kill()
