@@ -126,15 +126,15 @@ class DaemonActor:
         finally:
             path.unlink(missing_ok=True)
 
-    def adopt(self, data: bytes, qos: str | None = None) -> int:
-        """A session from another daemon's export: its id here."""
+    def adopt(self, data: bytes, qos: str | None = None) -> tuple[int, int]:
+        """A session from another daemon's export: its id here, and the export's bytes."""
         with self.daemon.client() as c:
             folder = Path(c.status()["moves_dir"])
             name = f"incoming-{time.time_ns()}.djs"
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return c.import_session(name, qos=qos)
+            return c.import_session(name, qos=qos), len(data)
 
     def sessions(self) -> list[dict]:
         with self.daemon.client() as c:
@@ -211,17 +211,17 @@ class Fleet:
                 row.update(state="up" if not st["restarts"] else "restarted", status=st, url=st["listen"]["url"],
                            pid=st["pid"])  # a restarted daemon listens on a new port
             except (RayError, ValueError, DjinnError) as e:  # its actor is dead, unreachable or not answering
-                row.update(self._heal(name, info, e))
+                row.update(self._heal(name, info, e, reg["sessions"]))
             ray.get(self.registry.set_state.remote(name, **{k: row[k] for k in ("state", "url", "pid") if k in row},
                                                    lost=row.get("lost", [])))
             out[name] = row
         return {"daemons": out, "sessions": reg["sessions"], "moves": reg["moves"]}
 
-    def _heal(self, name: str, info: dict, why: Exception) -> dict:
+    def _heal(self, name: str, info: dict, why: Exception, sessions: dict) -> dict:
         """Its actor is gone: a new one on its placement group's bundle (the same node and GPU) and
         folder (the journal restores the sessions); when its node is gone, the sessions it held are
         reported lost."""
-        lost = [fid for fid, (d, _) in ray.get(self.registry.all.remote())["sessions"].items() if d == name]
+        lost = [fid for fid, (d, _) in sessions.items() if d == name]
         if not any(n["NodeID"] == info["node"] and n["Alive"] for n in ray.nodes()):
             return {"state": "dead", "lost": lost, "why": f"its node {info['node'][:8]} is gone ({why})"}
         try:
@@ -270,15 +270,16 @@ class Fleet:
             raise DjinnError("bad_params", f"{fid} is on {to} already")
         t0 = time.perf_counter()
         data = ray.get_actor(src["name"]).export.remote(sid)
-        new = ray.get(ray.get_actor(to).adopt.remote(data))
+        new, nbytes = ray.get(ray.get_actor(to).adopt.remote(data))  # the bytes never pass through here
         seconds = time.perf_counter() - t0
         with self.client(src) as c:
             c.close(sid)
         record = {"session": fid, "from": src["name"], "to": to, "id": new, "seconds": round(seconds, 4),
-                  "bytes": len(ray.get(data)), "at": time.time()}
+                  "bytes": nbytes, "at": time.time()}
         ray.get(self.registry.moved.remote(record))
+        daemons = self.daemons()
         for name in (src["name"], to):
-            with self.client(self.daemons()[name]) as c:
+            with self.client(daemons[name]) as c:
                 c.emit("fleet", action="moved", **{k: v for k, v in record.items() if k != "at"})
         return record
 
