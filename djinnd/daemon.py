@@ -97,10 +97,12 @@ def _restore(config, rt):
     t0 = time.monotonic()
     journal = Journal(paths.journal(config.socket, config.state_dir), rt.lm.name, fresh=config.fresh)
     restored = rt.restore(journal)
+    rt.mem.disk.sweep()  # the swap files not taken back
     if restored:
         paused = sum(s.state == "paused" for s in restored)
-        log.info("restored %d sessions (%d paused) from %s in %.1f s", len(restored), paused, journal.path,
-                 time.monotonic() - t0)
+        disk = sum(s.location == "disk" for s in restored)
+        log.info("restored %d sessions (%d paused, %d with their KV in the disk tier) from %s in %.1f s",
+                 len(restored), paused, disk, journal.path, time.monotonic() - t0)
     return journal
 
 
@@ -208,6 +210,7 @@ def _serve(config, rt, bus) -> int:
         if service.scenarios is not None:  # none without the scenarios package's catalog
             service.scenarios.abort_all()
         rt.detach_journal()  # the sessions closed now stay in the journal: the next start restores them
+        rt.keep_swap_files()  # idle sessions' KV in the disk tier: the next start takes it back
         await loop.run_in_executor(None, rt.close_all)
 
     try:

@@ -3,9 +3,11 @@ SIGTERM or kill -9 brings the sessions back (Runtime.restore).
 
 A session is one row (QoS, phase, prompt, where its forward stands, the patches of a paused forward)
 and its generated tokens are chunks appended as they come, so a write costs what changed, not the
-whole history. The runtime writes at request granularity, from the thread that finished the request,
-before the reply goes out. WAL mode with synchronous=NORMAL: a commit is a write into the WAL without
-an fsync, which survives the daemon's death (kill -9), not a power cut.
+whole history. Beside it, the last disk-tier swap file of each session's KV (name, size, CRC-32,
+the tokens it covers), written as the swap-out ends, so that a start can take an idle session's KV
+back from it. The runtime writes the rest at request granularity, from the thread that finished the
+request, before the reply goes out. WAL mode with synchronous=NORMAL: a commit is a write into the
+WAL without an fsync, which survives the daemon's death (kill -9), not a power cut.
 """
 
 import array
@@ -32,6 +34,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     breakpoints TEXT NOT NULL, layer INTEGER, patches TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     session INTEGER NOT NULL, start INTEGER NOT NULL, ids BLOB NOT NULL, PRIMARY KEY (session, start));
+CREATE TABLE IF NOT EXISTS spills (session INTEGER PRIMARY KEY, spill TEXT NOT NULL);
 """
 UPSERT = """
 INSERT INTO sessions (id, qos, phase, created_at, prompt, pending, segments, state, breakpoints, layer, patches)
@@ -57,6 +60,7 @@ class Record:
     breakpoints: list  # of the paused forward
     layer: int | None  # where it is paused
     patches: list  # [{op, value, positions, channels, layer}, ...] applied during the paused forward
+    spill: dict | None = None  # the last disk-tier file of its KV: {file, bytes, crc32, seq_len} (Runtime.restore)
 
 
 def _pack(ids) -> bytes:
@@ -166,6 +170,10 @@ class Journal:
     def _rows(self, conn) -> tuple[list[Record], str | None]:
         """Every session that reads whole, and what was wrong with the others (None if nothing)."""
         records, bad = [], []
+        try:  # (a journal older than the table has none: those sessions' KV is computed again)
+            spills = {sid: json.loads(spill) for sid, spill in conn.execute("SELECT session, spill FROM spills")}
+        except (sqlite3.Error, ValueError):
+            spills = {}
         try:
             rows = conn.execute("SELECT * FROM sessions ORDER BY id").fetchall()
         except sqlite3.Error as e:  # a damaged table: each id looked up alone, past the damaged pages
@@ -184,7 +192,7 @@ class Journal:
                         raise ValueError(f"its tokens have a gap at {len(generated)}")
                     generated += _unpack(ids)
                 r = Record(sid, qos, phase, created, _unpack(prompt), generated, pending, json.loads(segments),
-                           state, json.loads(bps), layer, json.loads(patches))
+                           state, json.loads(bps), layer, json.loads(patches), spills.get(sid))
                 if r.state not in (State.IDLE, State.PAUSED) or not 1 <= r.pending <= len(r.prompt) + len(r.generated):
                     raise ValueError("its state does not hold together")
                 records.append(r)
@@ -227,6 +235,16 @@ class Journal:
                 self._failing = False
                 log.info("journal %s: writing again", self.path)
 
+    def spilled(self, sid: int, spill: dict) -> None:
+        """Session `sid`'s KV is in a disk-tier file now (the last one written for it counts)."""
+        with self._lock:
+            if self.conn is None or sid in self._deleted:
+                return
+            try:
+                self.conn.execute("INSERT OR REPLACE INTO spills VALUES (?, ?)", (sid, json.dumps(spill)))
+            except sqlite3.Error as e:
+                self._failed(e)
+
     def delete(self, sid: int) -> None:
         with self._lock:
             if self.conn is None:
@@ -236,6 +254,7 @@ class Journal:
                 self.conn.execute("BEGIN")
                 self.conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                 self.conn.execute("DELETE FROM tokens WHERE session = ?", (sid,))
+                self.conn.execute("DELETE FROM spills WHERE session = ?", (sid,))
                 self.conn.execute("COMMIT")
                 self._written.pop(sid, None)
             except sqlite3.Error as e:

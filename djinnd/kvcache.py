@@ -75,9 +75,9 @@ class SlabCache:
         """Capacity to hold `tokens` (charges.capacity_for: the current one if it fits, else more)."""
         return capacity_for(self.capacity, tokens)
 
-    def grow(self, capacity: int) -> None:
+    def grow(self, capacity: int, fill=torch.zeros) -> None:
         """Move to a larger slab (the caller has reserved its bytes), keeping the tokens held so far."""
-        new = torch.zeros((self.num_layers, 2, 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
+        new = fill((self.num_layers, 2, 1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
         if self.slab is not None:
             n = max(layer.length for layer in self.layers)
             new[..., :n, :].copy_(self.slab[..., :n, :])
@@ -85,6 +85,14 @@ class SlabCache:
             layer.keys = layer.values = None
             layer.k, layer.v = new[i, 0], new[i, 1]
         self.slab, self.capacity = new, capacity
+
+    def shell(self, capacity: int, length: int) -> None:
+        """A slab of `capacity` holding `length` tokens, swapped out: its views are made and its memory
+        freed at once (the swap-in brings its bytes, as for any swapped-out session)."""
+        self.grow(capacity, fill=torch.empty)
+        self.slab.untyped_storage().resize_(0)
+        for layer in self.layers:
+            layer.length = length
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.slab is None else [self.slab]

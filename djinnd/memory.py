@@ -92,6 +92,7 @@ class MemoryManager:
         self._report_lock = threading.Lock()
         self._streams = {"out": torch.cuda.Stream(device), "in": torch.cuda.Stream(device)} if self.cuda else {}
         self.spares = None if self.cuda else Spares()  # CUDA's caching allocator keeps freed blocks itself
+        self.on_disk = lambda s, stored: None  # told when a session's bytes are in a disk file (the journal)
         # CUDA: what the allocator holds beyond the books before any session (telemetry's drift check)
         self.device_baseline = torch.cuda.memory_allocated(device) - self.fixed if self.cuda else 0
 
@@ -385,8 +386,8 @@ class MemoryManager:
             if stored is None:
                 stored = Stored("disk", sizes, s.charge)
                 with self._on(stream):  # its copies wait for this session's work alone
-                    stored.path = self.disk.write(self.disk.name(s.id, time.monotonic_ns()),
-                                                  [u8(st) for st in storages], total)
+                    stored.path, stored.crc = self.disk.write(self.disk.name(s.id, time.monotonic_ns()),
+                                                              [u8(st) for st in storages], total)
         except Exception as e:  # noqa: BLE001 - nothing was freed: the session stays where it was
             self._sync(stream)  # a copy queued before the failure may still read the storage
             self.count("failures")
@@ -410,6 +411,8 @@ class MemoryManager:
             self._changed()
         if not self.cuda:
             ms = self._elapsed(t0, stream)  # on the CPU, giving the pages back is part of the cost
+        if stored.tier == "disk":
+            self.on_disk(s, stored)
         self._account("out", s, stored.tier, total, ms, reason)
 
     def _to_host(self, storages, sizes, charge, stream) -> Stored | None:
@@ -451,8 +454,8 @@ class MemoryManager:
             tried.add(o)
             try:
                 t0 = self._timer(None)
-                path = self.disk.write(self.disk.name(o.id, time.monotonic_ns()), [self.host.view(st.offset, st.nbytes)],
-                                       st.nbytes)
+                path, crc = self.disk.write(self.disk.name(o.id, time.monotonic_ns()),
+                                            [self.host.view(st.offset, st.nbytes)], st.nbytes)
             except OSError as e:
                 with self.acct:
                     self._unclaim(o)
@@ -464,12 +467,32 @@ class MemoryManager:
                 raise
             with self.acct:
                 self._free(st)
-                o.stored = Stored("disk", st.sizes, st.charge, path=path)
+                o.stored = disk = Stored("disk", st.sizes, st.charge, path=path, crc=crc)
                 self._unclaim(o)
+            self.on_disk(o, disk)
             self.count("demotions")
             ms = self._elapsed(t0, None, "disk")
             self.bus.emit("swap_out", session=o.id, tier="disk", bytes=st.nbytes, ms=round(ms, 3),
                           gbps=_gbps(st.nbytes, ms), reason="demote", **{"from": "host"})
+
+    def adopt(self, s, name: str, nbytes: int, crc: int) -> bool:
+        """At a start: `s`'s KV is the swap file `name` a previous run left (its slab holds no memory,
+        see SlabCache.shell), when the file is whole and its checksum matches; else False."""
+        path = self.disk.adopt(name, nbytes, crc)
+        if path is None:
+            return False
+        with self.acct:
+            s.stored = Stored("disk", [nbytes], nbytes, path=path, crc=crc)
+            self._changed()
+        return True
+
+    def keep_on_disk(self, sessions) -> None:
+        """At a stop: the swap files of these sessions stay for the next start, which takes them back."""
+        with self.acct:
+            for s in sessions:
+                if s.stored is not None and s.stored.tier == "disk" and s not in self._moving:
+                    self.disk.keep.add(s.stored.path.name)
+                    s.stored = None  # (closing it now frees nothing of it)
 
     def swap_in(self, s, reason: str = "demand", make_room: bool = True, timeout: float = ROOM_WAIT_S) -> None:
         """Bring `s` back to the device, making room first (see `reserve`); the storages are restored in place.
@@ -525,7 +548,7 @@ class MemoryManager:
                         pos += n
             else:
                 with self._on(stream):
-                    self.disk.read(stored.path, [u8(st) for st in storages])
+                    self.disk.read(stored.path, [u8(st) for st in storages], stored.crc)
         except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
             self._sync(stream)  # a copy queued before the failure may still write the storage
             for st in storages:

@@ -63,6 +63,7 @@ class Runtime:
             raise ValueError(f"the budget ({budget} B) does not even hold the weights ({lm.weights_bytes} B)"
                              + (f" and cuBLAS workspaces ({overhead} B)" if overhead else ""))
         self.mem = MemoryManager(lm.device, budget, lm.weights_bytes, host_pool, spill_dir, bus, capacity, overhead)
+        self.mem.on_disk = self._spilled
         self._compute_threads = {self.costs.owner} - {None}  # alive ones hold a workspace each
         self._workspaces = self.costs.handles
         self.device_lock = device_lock or DeviceLock()
@@ -161,6 +162,18 @@ class Runtime:
         if journal is not None:
             journal.save(sessions)
 
+    def _spilled(self, s: Session, stored) -> None:
+        """A disk file holds `s`'s slab alone (an idle session's KV): journaled, so that a start after
+        a stop or a kill takes it back rather than compute it again (_restore)."""
+        journal = self.journal
+        if journal is not None and stored.sizes == [s.cache.nbytes]:
+            journal.spilled(s.id, {"file": stored.path.name, "bytes": stored.nbytes, "crc32": stored.crc,
+                                   "seq_len": s.cache.seq_len})
+
+    def keep_swap_files(self) -> None:
+        """At a stop, once the journal is detached: idle sessions' swap files stay for the next start."""
+        self.mem.keep_on_disk([s for s in list(self.sessions.values()) if s.state == State.IDLE])
+
     def detach_journal(self):
         """Stop journaling (and give the journal back): what follows, such as closing every session
         at a stop, is not to be restored differently."""
@@ -170,12 +183,14 @@ class Runtime:
     def restore(self, journal) -> list[Session]:
         """Bring back the sessions `journal` read, under their ids, then journal into it from now on.
 
-        An idle one comes back with an empty KV, which its next forward first computes again from
-        its tokens (one prefill). A paused one is paused again here, at its layer: the forwards that
-        built its KV run again as they ran (same sizes, same order), then its paused forward with the
-        same breakpoints, each journaled patch applied at its layer as the forward passes it. On the
-        CPU its hidden state is then the one it had bit for bit, unless a decode step that built its
-        KV was batched with other sessions' (the rows' kernels differ from one session's in the last bits).
+        An idle one whose KV a previous run left in a disk-tier file, whole and with its checksum,
+        comes back swapped out to that file; any other comes back with an empty KV, which its next
+        forward first computes again from its tokens (one prefill). A paused one is paused again
+        here, at its layer: the forwards that built its KV run again as they ran (same sizes, same
+        order), then its paused forward with the same breakpoints, each journaled patch applied at
+        its layer as the forward passes it. On the CPU its hidden state is then the one it had bit
+        for bit, unless a decode step that built its KV was batched with other sessions' (the rows'
+        kernels differ from one session's in the last bits).
         """
         restored = []
         for r in journal.records:
@@ -215,12 +230,30 @@ class Runtime:
             except Exception as e:  # noqa: BLE001 - it stays as the failure left it: idle, or paused elsewhere
                 log.error("session %s, paused at layer %s before the restart, is %s at %s: %s",
                           s.id, r.layer, s.state, s.layer, e)
+        elif kv and self._take_back(s, r.spill, kv):
+            s.segments = [list(x) for x in r.segments] if built == kv else [[kv, 1]]
         else:
             s.replay = [[kv, 1]] if kv else []
         s.phase = r.phase  # (after the forward run again, which would have made it COMPUTE)
         s.restored = True
         self._event(s, "restored")
         return s
+
+    def _take_back(self, s: Session, spill: dict | None, kv: int) -> bool:
+        """Whether `s` (idle, restored) now holds the `kv` tokens' KV that `spill`, its journaled swap
+        file, holds: swapped out to it, its slab of the file's capacity and no memory."""
+        if not spill or spill.get("seq_len") != kv:  # a file of an earlier KV: its forwards came since
+            return False
+        capacity, rest = divmod(spill["bytes"], s.cache.bytes_per_token)
+        if rest or capacity < kv:
+            return False
+        s.cache.shell(capacity, kv)
+        if self.mem.adopt(s, spill["file"], spill["bytes"], spill["crc32"]):
+            return True
+        s.cache.release()
+        for layer in s.cache.layers:
+            layer.reset()
+        return False
 
     def _pause_again(self, s: Session, r) -> None:
         """Run `s`'s paused forward again up to layer `r.layer`, redoing its patches where they were made."""

@@ -2,9 +2,11 @@
 
 The host pool is one buffer (pinned on CUDA, since pinning per swap costs more than the copy)
 carved first-fit. The disk tier writes plain files, space reserved with fallocate first: a memory
-map would turn a full disk into SIGBUS, a plain write into an error we can recover from. Its files
-are named session-<id>-<stamp>.swap; those a previous run left (a daemon killed cannot clean up)
-are removed when the tier is set up, and files of other names in its folder are never touched.
+map would turn a full disk into SIGBUS, a plain write into an error we can recover from. Each file
+gets a CRC-32 of its bytes as written, checked whenever it is read back. Its files are named
+session-<id>-<stamp>.swap; at a start, those a previous run left are either taken back (`adopt`: an
+idle session's KV that the journal names, see Runtime.restore) or removed (`sweep`), and files of
+other names in its folder are never touched.
 """
 
 import logging
@@ -12,6 +14,7 @@ import os
 import re
 import threading
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +112,7 @@ class DiskTier:
         self._device = device
         self._staging = None
         self._lock = threading.Lock()
-        self.sweep()
+        self.keep: set[str] = set()  # names of files the next start is to find (taken back, or left at a stop)
 
     @staticmethod
     def name(sid: int, stamp: int) -> str:
@@ -124,11 +127,36 @@ class DiskTier:
             return []
         return [e for e in entries if SWAP_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
 
+    def adopt(self, name: str, nbytes: int, crc: int) -> Path | None:
+        """A file a previous run left, taken back as it is (its path) when it is this tier's, of
+        `nbytes` bytes and their CRC-32 is `crc`; else None, with a log line saying why not."""
+        path = self.folder / name
+        try:
+            if not SWAP_FILE.fullmatch(name) or not path.is_file() or path.is_symlink():
+                raise OSError("no such swap file")
+            if path.stat().st_size != nbytes:
+                raise OSError(f"{path.stat().st_size} B, not {nbytes}")
+            got = 0
+            with open(path, "rb", buffering=0) as f, self._lock:
+                stage = self._stage().numpy()
+                while n := f.readinto(memoryview(stage)[:STAGING]):
+                    got = zlib.crc32(memoryview(stage)[:n], got)
+            if got != crc:
+                raise OSError("its checksum does not match")
+        except OSError as e:
+            log.warning("swap file %s not taken back (%s): that session's KV is computed again", path, e.strerror or e)
+            return None
+        self.keep.add(name)
+        self.used += nbytes
+        return path
+
     def sweep(self) -> tuple[int, int]:
-        """Remove the swap files a previous run left (a daemon killed cannot clean up; nothing reads
-        them back after a restart): their count and bytes, logged. Files of other names stay."""
+        """Remove the swap files a previous run left (a daemon killed cannot clean up) but those
+        taken back: their count and bytes, logged. Files of other names stay."""
         count = nbytes = 0
         for e in self._own_files():
+            if e.name in self.keep:
+                continue
             try:
                 size = e.stat(follow_symlinks=False).st_size
                 os.unlink(e.path)
@@ -147,51 +175,64 @@ class DiskTier:
             self._staging = host_buffer(self, STAGING, self._device)
         return self._staging
 
-    def write(self, name: str, parts: list[torch.Tensor], total: int) -> Path:
-        """Write the byte tensors in order to one file; on any OSError remove it and re-raise."""
+    def write(self, name: str, parts: list[torch.Tensor], total: int) -> tuple[Path, int]:
+        """Write the byte tensors in order to one file: its path and the CRC-32 of its bytes; on any
+        OSError remove it and re-raise."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.swap"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             if total:
                 os.posix_fallocate(fd, 0, total)
+            crc = 0
             with self._lock:
                 for part in parts:
-                    self._write_all(fd, part)
+                    crc = self._write_all(fd, part, crc)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
         self.used += total
-        return path
+        return path, crc
 
-    def _write_all(self, fd, part: torch.Tensor):
+    def _write_all(self, fd, part: torch.Tensor, crc: int) -> int:
         # Through a staging buffer: numpy views of a session's own storage would make it non-resizable.
         stage = self._stage()
         for start in range(0, part.numel(), STAGING):
             chunk = part[start:start + STAGING]
             stage[:chunk.numel()].copy_(chunk)
-            _write_exact(fd, stage[:chunk.numel()].numpy())
+            arr = stage[:chunk.numel()].numpy()
+            crc = zlib.crc32(arr, crc)
+            _write_exact(fd, arr)
+        return crc
 
-    def read(self, path: Path, parts: list[torch.Tensor]) -> None:
+    def read(self, path: Path, parts: list[torch.Tensor], crc: int) -> None:
+        """Read the file back into the byte tensors; OSError if it is short or its CRC-32 is not `crc`."""
+        got = 0
         with open(path, "rb", buffering=0) as f, self._lock:
             stage = self._stage()
             for part in parts:
                 for start in range(0, part.numel(), STAGING):
                     chunk = part[start:start + STAGING]
-                    _read_exact(f, stage[:chunk.numel()].numpy())
+                    arr = stage[:chunk.numel()].numpy()
+                    _read_exact(f, arr)
+                    got = zlib.crc32(arr, got)
                     chunk.copy_(stage[:chunk.numel()])
+        if got != crc:  # (the parts are the caller's to drop: it rolls the swap-in back)
+            raise OSError(f"swap file {path} is damaged: its checksum does not match")
 
     def remove(self, path: Path, total: int) -> None:
         Path(path).unlink(missing_ok=True)
+        self.keep.discard(Path(path).name)
         self.used -= total
 
     def cleanup(self) -> None:
-        """Remove the spill folder's swap files (on shutdown, when no session is left), and the folder
-        once it is empty (a folder holding files of other names stays)."""
+        """Remove the spill folder's swap files but those kept for the next start (on shutdown, when
+        no session is left), and the folder once it is empty (one holding other files stays)."""
         for e in self._own_files():
-            Path(e.path).unlink(missing_ok=True)
+            if e.name not in self.keep:
+                Path(e.path).unlink(missing_ok=True)
         try:
             self.folder.rmdir()
         except OSError:
@@ -222,6 +263,7 @@ class Stored:
     charge: int  # the device bytes the session was accounted for
     offset: int = 0
     path: Path | None = None
+    crc: int = 0  # the disk file's CRC-32
     nbytes: int = field(init=False)
 
     def __post_init__(self):

@@ -1,9 +1,12 @@
 """Sessions survive a restart: the journal (djinnd/journal.py), over real daemons and the real socket."""
 
+import json
 import os
 import random
 import sqlite3
 import stat
+
+import numpy as np
 
 from djinnd import paths
 
@@ -114,7 +117,7 @@ def test_kill_9_restores_every_session_in_its_state_and_they_go_on_as_if_never_k
         sids = sorted(before)
         assert carry_on(c, sids) == carry_on(r, sids)
         assert not any(s["restored"] for s in c.sessions() if s["id"] in before)
-    assert "restored 15 sessions (6 paused)" in again.output()
+    assert "restored 15 sessions (6 paused, " in again.output()
 
 
 def test_sigterm_restart_restores_and_a_closed_session_stays_closed(make_daemon):
@@ -255,3 +258,86 @@ def test_journal_writes_are_per_request_not_per_token(make_daemon):
     rows = db.execute("SELECT start, length(ids) FROM tokens WHERE session = ? ORDER BY start", (sid,)).fetchall()
     assert rows == [(0, 20 * 4), (20, 4)]
     db.close()
+
+
+# no host pool and room for ~3 sessions' KV beside the weights: the others' swap out to disk files
+ON_DISK = ("--device", "cpu", "--vram-budget", str(6_333_056 + 1_200_000), "--host-pool", "0")
+
+
+def on_disk(c, n=6) -> dict:
+    """`n` idle sessions, of which the coldest are swapped out to disk files: {id: its tokens}."""
+    rng = random.Random(11)
+    for _ in range(n):
+        sid = c.create_session(token_ids=[rng.randrange(3, 500) for _ in range(40)])
+        c.generate(sid, 2)
+    return {s["id"]: s["tokens"] for s in c.sessions()}
+
+
+def swap_files(d) -> dict:
+    """Each swap file in the daemon's disk tier by session id: (its path, its bytes)."""
+    spill = paths.spill(d.socket)
+    files = sorted(spill.glob("session-*-*.swap")) if spill.exists() else []
+    return {int(p.name.split("-")[1]): (p, p.read_bytes()) for p in files}
+
+
+def test_after_kill_9_idle_sessions_take_their_kv_back_from_the_disk_tier_bit_for_bit(make_daemon):
+    """A start takes back the swap files of idle sessions the journal names (checksum and size
+    checked): the KV comes back as it was, not computed again; a damaged file is computed again."""
+    ref = make_daemon(*ON_DISK)
+    with ref.client() as r:
+        on_disk(r)
+    d = make_daemon(*ON_DISK)
+    with d.client() as c:
+        tokens = on_disk(c)
+        where = {s["id"]: s["location"] for s in c.sessions()}
+    files = swap_files(d)
+    assert sorted(files) == sorted(sid for sid, loc in where.items() if loc == "disk") and len(files) >= 3, where
+    damaged, *kept = sorted(files)
+    path, data = files[damaged]
+    path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit flipped
+    d.proc.kill()
+    d.proc.wait()
+
+    again = make_daemon(*ON_DISK, folder=d.folder)
+    with again.client() as c, ref.client() as r:
+        infos = {s["id"]: s for s in c.sessions()}
+        assert {sid: s["tokens"] for sid, s in infos.items()} == tokens
+        assert sorted(sid for sid, s in infos.items() if s["location"] == "disk") == kept
+        assert all(infos[sid]["disk_bytes"] == len(files[sid][1]) for sid in kept)
+        assert c.status()["memory"]["disk_bytes"] == sum(len(files[sid][1]) for sid in kept)
+        for sid in kept:  # the KV it holds is the file's, byte for byte (its first seq_len positions)
+            head, kv = (paths.moves(again.socket) / c.export_session(sid)["file"]).read_bytes().split(b"\n", 1)
+            head = json.loads(head)
+            n, capacity = head["kv"]["seq_len"], head["kv"]["capacity"]
+            slab = np.frombuffer(files[sid][1], np.uint8).reshape(*head["kv"]["shape"][:4], capacity, -1)
+            assert slab[..., :n, :].tobytes() == kv
+        sids = sorted(tokens)
+        assert {sid: c.generate(sid, 4) for sid in sids} == {sid: r.generate(sid, 4) for sid in sids}
+        for sid in sids:
+            c.close(sid)
+    out = again.output()
+    assert f"restored 6 sessions (0 paused, {len(kept)} with their KV in the disk tier)" in out
+    assert f"swap file {path} not taken back (its checksum does not match)" in out
+    assert swap_files(again) == {}  # the damaged file went with the sweep, the others with their sessions
+
+
+def test_a_stop_leaves_idle_sessions_swap_files_for_the_next_start_and_no_file_outlives_its_session(make_daemon):
+    d = make_daemon(*ON_DISK)
+    with d.client() as c:
+        tokens = on_disk(c)
+        c.run_to(max(tokens), layer=3)  # paused: its file (if any) is not taken back; it is paused again
+        where = {s["id"]: s["location"] for s in c.sessions()}
+    files = swap_files(d)
+    assert d.stop() == 0
+    idle = sorted(sid for sid in files if sid != max(tokens))
+    assert idle and sorted(swap_files(d)) == idle  # the paused one's went at the stop
+    assert {sid: data for sid, (_, data) in swap_files(d).items()} == {sid: files[sid][1] for sid in idle}, where
+
+    again = make_daemon(*ON_DISK, folder=d.folder)
+    with again.client() as c:
+        assert sorted(s["id"] for s in c.sessions() if s["location"] == "disk") == idle
+        assert {s["id"]: s["tokens"] for s in c.sessions()} == tokens
+        assert c.session(max(tokens))["state"] == "paused"
+    assert again.stop() == 0
+    third = make_daemon(*ON_DISK, "--fresh", folder=d.folder)
+    assert swap_files(third) == {}  # --fresh: no session, so no file of one
