@@ -116,6 +116,11 @@ def _ints(v, empty: bool = False) -> bool:
     return isinstance(v, list) and (empty or bool(v)) and all(type(x) is int for x in v)
 
 
+def _segment(x) -> bool:
+    """[tokens, times], or [tokens, 1, patches] for a patched forward (Runtime's history of its KV)."""
+    return isinstance(x, list) and (_ints(x) and len(x) == 2 or len(x) == 3 and _ints(x[:2]) and isinstance(x[2], list))
+
+
 def check(name: str, h: dict, lm) -> None:
     """The header holds together and fits this daemon's model: types, token ids, the pending input
     as the tail of the tokens past the KV, the context, the KV's layout and size (before it is read)."""
@@ -123,7 +128,7 @@ def check(name: str, h: dict, lm) -> None:
     fields = {"prompt": _ints(h.get("prompt")), "generated": _ints(h.get("generated"), empty=True),
               "pending": _ints(h.get("pending")), "qos": h.get("qos") in QOS_CLASSES,
               "phase": h.get("phase") in ("COMPUTE", "IO_WAIT"),
-              "segments": isinstance(h.get("segments"), list) and all(_ints(x) and len(x) == 2 for x in h["segments"]),
+              "segments": isinstance(h.get("segments"), list) and all(_segment(x) for x in h["segments"]),
               "kv": all(type(kv.get(k)) is int and kv[k] >= 0 for k in ("seq_len", "capacity", "bytes"))
               and _ints(kv.get("shape")) and isinstance(kv.get("dtype"), str) and isinstance(kv.get("sha256"), str)}
     wrong = [k for k, ok in fields.items() if not ok]

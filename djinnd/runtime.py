@@ -35,9 +35,12 @@ PREFILL_CHUNK = 512  # tokens a prefill segment feeds at most
 
 
 def _built(s: Session, n: int) -> None:
-    """A forward of `n` tokens went into its KV: its history, for the journal (run-length coded)."""
+    """A forward of `n` tokens went into its KV: its history, for the journal (run-length coded; a
+    patched forward is one entry with its patches, [n, 1, patches], to be redone with them)."""
     seg = s.segments
-    if seg and seg[-1][0] == n:
+    if s.patches and s.breakpoints:
+        seg.append([n, 1, list(s.patches)])
+    elif seg and seg[-1][0] == n and len(seg[-1]) == 2:
         seg[-1] = [n, seg[-1][1] + 1]
     else:
         seg.append([n, 1])
@@ -222,7 +225,8 @@ class Runtime:
                 raise ValueError("its id is taken")
             self.sessions[s.id] = s
         self.mem.register(s)
-        built = sum(n * k for n, k in r.segments)
+        built = sum(x[0] * x[1] for x in r.segments)
+        patched = built == kv and any(len(x) > 2 for x in r.segments)  # its KV holds patches: redone as made
         if r.state == State.PAUSED:
             s.replay = [list(x) for x in r.segments] if built == kv else [[kv, 1]] if kv else []
             try:
@@ -233,7 +237,7 @@ class Runtime:
         elif kv and self._take_back(s, r.spill, kv):
             s.segments = [list(x) for x in r.segments] if built == kv else [[kv, 1]]
         else:
-            s.replay = [[kv, 1]] if kv else []
+            s.replay = [list(x) for x in r.segments] if patched else [[kv, 1]] if kv else []
         s.phase = r.phase  # (after the forward run again, which would have made it COMPUTE)
         s.restored = True
         self._event(s, "restored")
@@ -276,8 +280,8 @@ class Runtime:
             s.state, s.generated = State.RUNNING, list(generated)
         try:
             while s.replay:
-                (size, times), pos = s.replay[0], s.cache.seq_len
-                s.pending = tokens[pos:pos + size]
+                (size, times, *patches), pos = s.replay[0], s.cache.seq_len
+                s.pending, s.redo = tokens[pos:pos + size], patches[0] if patches else []
                 try:
                     while self._segment(s) is None:
                         pass
@@ -291,6 +295,7 @@ class Runtime:
         except Exception as e:
             raise _as_djinn_error(s, e) from None
         finally:
+            s.redo = []
             with s.cond:
                 s.generated, s.pending, s.token, s.state = generated, pending, None, State.IDLE
 
@@ -668,7 +673,8 @@ class Runtime:
     def _segment(self, s: Session) -> int | None:
         """One forward segment: the first `n` pending tokens through the model; the token when they
         were the last, None when a prefill has chunks to go (and its pending tokens are the rest)."""
-        n = len(s.pending) if s.breakpoints else min(len(s.pending), self.prefill_chunk)
+        whole = s.breakpoints or s.redo  # a pause, or a patch, sees every token of it
+        n = len(s.pending) if whole else min(len(s.pending), self.prefill_chunk)
         if s.closing:  # closed between two chunks
             raise Aborted()
         start_len = s.cache.seq_len
@@ -676,7 +682,7 @@ class Runtime:
         s.long_segment = n > 1  # a prefill: it hands the device over between layers when asked
         hooked = False
         try:
-            if s.breakpoints or s.long_segment:  # it may pause, hand over or be closed between layers
+            if whole or s.long_segment:  # it may pause, be patched, hand over or be closed between layers
                 self._use_hooks()
                 hooked = True
             waking, s.waking = s.waking, False
@@ -862,11 +868,14 @@ class Runtime:
             return None
         if s.closing:  # closed mid-forward: stop here, not after a long prefill's last layer
             raise Aborted()
+        hidden = output[0] if isinstance(output, tuple) else output
+        for p in s.redo:  # a patched forward run again: each patch where it was made
+            if p["layer"] == index:
+                self._apply(hidden, p["op"], p["value"], p.get("positions"), p.get("channels"))
         if index not in s.breakpoints:
             if s.long_segment and index < self.lm.num_layers - 1:
                 self.device_lock.hand_over()
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
         layer_input = args[0] if args else kwargs.get("hidden_states")
         s.hidden = hidden
         s.held = [t for t in (hidden, layer_input, s.embeds) if isinstance(t, torch.Tensor)]
@@ -938,26 +947,29 @@ class Runtime:
     def patch(self, sid, op: str, value, positions=None, channels=None) -> dict:
         s = self.get(sid)
         with self._paused_resident(s):
-            h = s.hidden
-            idx = self._index(h, positions, channels)
-            target = h[idx]
-            try:
-                v = torch.as_tensor(value, dtype=h.dtype, device=h.device)
-                v = torch.broadcast_to(v, target.shape) if v.dim() else v
-            except (TypeError, ValueError, RuntimeError):
-                shape = list(target.shape)
-                raise DjinnError("bad_params", f"patch value does not fit the selected shape {shape}") from None
-            with torch.inference_mode():  # the hidden state is an inference tensor, written only in that mode
-                if op == "set":
-                    h[idx] = v
-                elif op == "add":
-                    h[idx] = target + v
-                else:
-                    h[idx] = target * v
+            self._apply(s.hidden, op, value, positions, channels)
             s.patches.append({"op": op, "value": value, "positions": positions, "channels": channels, "layer": s.layer})
             out = self._stats(s, None, None)
         self._record(s)
         return out
+
+    def _apply(self, h, op: str, value, positions, channels) -> None:
+        """Patch hidden state `h` [1, T, H] in place: set, add or scale the selected part by `value`."""
+        idx = self._index(h, positions, channels)
+        target = h[idx]
+        try:
+            v = torch.as_tensor(value, dtype=h.dtype, device=h.device)
+            v = torch.broadcast_to(v, target.shape) if v.dim() else v
+        except (TypeError, ValueError, RuntimeError):
+            shape = list(target.shape)
+            raise DjinnError("bad_params", f"patch value does not fit the selected shape {shape}") from None
+        with torch.inference_mode():  # the hidden state is an inference tensor, written only in that mode
+            if op == "set":
+                h[idx] = v
+            elif op == "add":
+                h[idx] = target + v
+            else:
+                h[idx] = target * v
 
     @contextlib.contextmanager
     def _paused_resident(self, s: Session):

@@ -33,8 +33,9 @@ class Session:
         self.layer: int | None = None  # where it is paused
         self.breakpoints: list[int] = []
         self.patches: list[dict] = []  # applied during the paused forward, journaled to redo them at a restart
-        self.segments: list[list[int]] = []  # [[tokens, times], ...]: the forwards that built its KV (journal.py)
+        self.segments: list[list] = []  # [[tokens, times(, patches)], ...]: the forwards that built its KV (journal.py)
         self.replay: list[list[int]] = []  # restored: those to run again before its next forward (Runtime._replay)
+        self.redo: list[dict] = []  # the patches of the forward it runs again, applied as it passes their layers
         self.restored = False  # brought back by a restart, until its first forward since
         self.hidden = None  # the paused layer's output, which inspect and patch act on
         self.held: list = []  # every activation the paused forward holds: swapped with the slab

@@ -341,3 +341,36 @@ def test_a_stop_leaves_idle_sessions_swap_files_for_the_next_start_and_no_file_o
     assert again.stop() == 0
     third = make_daemon(*ON_DISK, "--fresh", folder=d.folder)
     assert swap_files(third) == {}  # --fresh: no session, so no file of one
+
+
+def test_a_patched_forward_that_finished_is_redone_with_its_patches_after_kill_9(make_daemon):
+    """An idle session's KV that a patched forward built holds the patch: computed again at a restart,
+    it is computed with it (the forwards as they ran, each patch at its layer)."""
+    def drive(c) -> list[int]:
+        done = []
+        for seed in (1, 2):
+            rng = random.Random(seed)
+            sid = c.create_session(token_ids=[rng.randrange(3, 500) for _ in range(16)])
+            c.generate(sid, 2)
+            c.run_to(sid, layers=[2, 5])
+            c.patch(sid, scale=-1.0, channels=list(range(0, 64, 2)))
+            c.resume(sid)
+            c.patch(sid, set=0.5, positions=[0])
+            c.resume(sid)  # idle: the patched forward's token made, its KV holds the patches
+            c.generate(sid, 2)
+            done.append(sid)
+        return done
+
+    ref = make_daemon("--device", "cpu")
+    with ref.client() as r:
+        sids = drive(r)
+    d = make_daemon("--device", "cpu")
+    with d.client() as c:
+        assert drive(c) == sids
+        tokens = {sid: c.session(sid)["tokens"] for sid in sids}
+    d.proc.kill()
+    d.proc.wait()
+    again = make_daemon("--device", "cpu", folder=d.folder)
+    with again.client() as c, ref.client() as r:
+        assert {sid: c.session(sid)["tokens"] for sid in sids} == tokens
+        assert {sid: c.generate(sid, 6) for sid in sids} == {sid: r.generate(sid, 6) for sid in sids}
