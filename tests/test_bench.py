@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is no package installed: `pytest` (not `python -m pytest`) finds it so
+    sys.path.insert(0, str(ROOT))
+
 
 def run_bench(script: str, *args: str) -> str:
     """What the benchmark's main printed, run in this process as `python script args` would run it:
@@ -47,6 +51,15 @@ def test_swap_bench_sizes_sessions_in_tokens_of_the_model_loaded():
 def test_rpc_bench_measures_the_ping_against_a_bare_zmq_echo():
     out = run_bench("bench/rpc.py", "-n", "200", "--warmup", "20", "--threads", "2")
     assert "ping p50 / bare zmq echo p50:" in out and "2 client threads" in out, out
+
+
+def test_events_bench_measures_the_flood_against_the_event_bus_alone_and_a_bare_echo():
+    out = run_bench("bench/events.py", "--seconds", "1", "--ref-seconds", "0.3", "-n", "200")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("samples only ", "samples + swaps "))]
+    figures = [[float(x) for x in r[-9:]] for r in rows]  # events/s .. ping p50: printed, their values not asserted
+    assert len(figures) == 2 and all(f[0] > 0 for f in figures), out
+    assert "contiguous: " in out and "limit, EventBus alone" in out and "limit, bare zmq echo" in out, out
+    assert out.count("status p50 / bare zmq echo p50") == 2, out
 
 
 def test_step_bench_times_each_way_of_taking_a_decode_step():

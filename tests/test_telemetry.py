@@ -128,40 +128,47 @@ def test_logs_export_chrome_trace_of_the_daemon_log(make_daemon, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_thousands_of_events_a_second_keep_status_fast_and_lose_no_swap_event(make_daemon):
+def test_thousands_of_events_a_second_leave_status_answered_and_lose_no_swap_event(make_daemon):
+    # Behaviour only: how many events a second and how fast status answers are bench/events.py's figures.
+    # Under a 10 kHz sampler and a client driving swaps, every status is answered (within the client's
+    # timeout: a starved RPC loop raises DjinnError "timeout"), and the log holds every event, swaps among them.
     d = tight(make_daemon, "--sample-hz", "10000")
-    latencies = []
+    errors, answered = [], 0
     with d.client(timeout=5) as c:
-        seq0, t0 = c.status()["seq"], time.monotonic()
+        seq0 = c.status()["seq"]
         done = threading.Event()
 
         def load():
-            with d.client() as w:
-                while not done.is_set():
-                    drive(w, n=4)
+            try:
+                with d.client() as w:
+                    while not done.is_set():
+                        drive(w, n=4)
+            except Exception as e:  # noqa: BLE001 - checked below
+                errors.append(e)
 
         worker = threading.Thread(target=load)
         worker.start()
-        while time.monotonic() - t0 < 10:
-            t = time.perf_counter()
-            c.status()
-            latencies.append(time.perf_counter() - t)
-            time.sleep(0.05)
-        done.set()
-        worker.join()
-        rate = (c.status()["seq"] - seq0) / (time.monotonic() - t0)
-    print(f"\n{rate:.0f} events/s over 10 s; status p100 {max(latencies) * 1000:.1f} ms")
-    assert rate >= 10_000  # the sampler makes up late wake-ups, so a busy GIL does not thin the flood
-    assert max(latencies) < 0.1
+        t0 = time.monotonic()
+        try:
+            while True:  # until the flood has numbered 20,000 events and swapped: counts, not a clock
+                st = c.status()
+                answered += 1
+                swaps = st["swap"]["swap_outs"] + st["swap"]["swap_ins"]
+                if errors or (st["seq"] - seq0 >= 20_000 and swaps > 10 and answered >= 20):
+                    break
+                assert time.monotonic() - t0 < 300, f"no flood: {st['seq'] - seq0} events, {swaps} swaps"  # a hang only
+                time.sleep(0.05)
+        finally:
+            done.set()
+            worker.join()
+    assert not errors, errors
     d.stop()
     events = log_events(d)
-    important = sorted(e["seq"] for e in events if e["type"] != "vram")
     swaps = [e for e in events if e["type"] in ("swap_out", "swap_in")]
     assert len(swaps) > 10
     all_seqs = sorted(e["seq"] for e in events)
     assert all_seqs == list(range(1, len(all_seqs) + 1))  # the log lost nothing at all
-    assert important
+    assert len(all_seqs) >= seq0 + 20_000
 
 
 def test_the_log_rotates_by_size_and_a_new_sink_never_truncates(tmp_path):
