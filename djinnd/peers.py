@@ -93,10 +93,7 @@ class _Handler:
 
 def watch(sock: zmq.Socket, url: str) -> None:
     """Log, once each, the kinds of failed handshakes on `sock`'s CURVE endpoint at `url`."""
-    address = f"inproc://djinnd-handshakes-{id(sock)}"
-    sock.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-    mon = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
-    mon.connect(address)
+    mon = remote.watch(sock, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
     def run():
         seen = set()

@@ -150,11 +150,15 @@ def secure(sock: zmq.Socket, server_key: str) -> None:
     sock.curve_serverkey = server_key.encode()
 
 
-def watch(sock: zmq.Socket) -> zmq.Socket:
-    """A socket that receives the outcomes of `sock`'s handshakes (see `why_not`); call before connecting."""
+HANDSHAKES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
+def watch(sock: zmq.Socket, events: int = HANDSHAKES) -> zmq.Socket:
+    """A socket that receives `sock`'s monitor events, its handshakes' outcomes unless told (see
+    `why_not`); call before connecting or binding."""
     address = f"inproc://djinn-watch-{os.getpid()}-{next(_watches)}"
-    sock.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sock.monitor(address, events)
     w = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
     w.setsockopt(zmq.LINGER, 0)
     w.connect(address)
