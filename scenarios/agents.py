@@ -280,34 +280,24 @@ def run(ctx, p: dict):
     ctx.close_session(sid)
 
     ctx.begin()
-    total, finished = len(workload) * len(policies), [0]
-    plock, stopped = threading.Lock(), []
+    total = len(workload) * len(policies)
 
-    def progress(policy, rec):  # from the agent threads, one at a time on ctx's client (zmq sockets: one thread each)
-        with plock:
-            if stopped:  # interrupted: ctx's client is the cleanup's now
-                return None
-            if rec is None:  # the policy is done: the event's seq
-                return ctx.event("progress", done=finished[0], total=total, message=f"{policy} finished")
-            finished[0] += 1
-            ctx.progress(finished[0], total, f"{policy}: agent {rec['agent']} {rec['status']}")
+    def progress(policy, rec):  # from the agent threads
+        if rec is None:  # the policy is done: the event's seq
+            return ctx.event("progress", done=ctx.done, total=total, message=f"{policy} finished")
+        ctx.advance(total, f"{policy}: agent {rec['agent']} {rec['status']}")
 
     runs = {}
-    try:
-        for policy in policies:
-            runs[policy] = run_policy(ctx, p, policy, workload, vocab, progress)
-            r = runs[policy]
-            ctx.say(f"{policy}: {r['completed']}/{r['agents']} completed, wake-up p50 {r['wakeup_ms']['p50']} ms "
-                    f"p99 {r['wakeup_ms']['p99']} ms, {r['swap_outs']} swap-outs, {r['swap_ins']} swap-ins "
-                    f"({r['swap_ins_on_demand']} on demand; {r['wakeups_that_swapped_in']} of {r['wakeups']} wake-ups "
-                    f"swapped in), prefetch hits {r['prefetch']['hits']} "
-                    f"misses {r['prefetch']['misses']}, {r['wake_jumps']} wake-ups served ahead of older steps, "
-                    f"at most {r['peak_live_agents']} agents live, "
-                    f"{r['tokens_per_s']} tok/s, {r['wall_s']} s")
-    except BaseException:  # Ctrl-C or SIGTERM: agent threads still running must leave ctx's client alone
-        with plock:
-            stopped.append(True)
-        raise
+    for policy in policies:
+        runs[policy] = run_policy(ctx, p, policy, workload, vocab, progress)
+        r = runs[policy]
+        ctx.say(f"{policy}: {r['completed']}/{r['agents']} completed, wake-up p50 {r['wakeup_ms']['p50']} ms "
+                f"p99 {r['wakeup_ms']['p99']} ms, {r['swap_outs']} swap-outs, {r['swap_ins']} swap-ins "
+                f"({r['swap_ins_on_demand']} on demand; {r['wakeups_that_swapped_in']} of {r['wakeups']} wake-ups "
+                f"swapped in), prefetch hits {r['prefetch']['hits']} "
+                f"misses {r['prefetch']['misses']}, {r['wake_jumps']} wake-ups served ahead of older steps, "
+                f"at most {r['peak_live_agents']} agents live, "
+                f"{r['tokens_per_s']} tok/s, {r['wall_s']} s")
 
     m = ctx.measure()
     png = _plot(ctx.folder / "agents.png", runs, f"agents: {p['agents']} agents of {model['name']}, "

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import statistics
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -45,6 +46,11 @@ class Context:
         self._t0_ns = time.monotonic_ns()
         self._status0: dict | None = None
         self._done = (0, 0)  # the last progress reported
+        # A runner's client threads report progress too: one at a time on the client (a zmq socket is
+        # one thread's), and none once the cleanup has it (an interrupted run's threads may still run).
+        self._lock = threading.RLock()
+        self._owner = threading.get_ident()
+        self._closing = False
 
     # -- lifecycle (the harness) -------------------------------------------------------------------
     def open(self) -> None:
@@ -64,6 +70,8 @@ class Context:
 
     def cleanup(self) -> None:
         """Close the run's sessions and put the daemon's settings back."""
+        with self._lock:
+            self._closing = True
         if self.client is None:
             return
         for sid in sorted(self.sessions.copy()):  # (agent threads may still add and remove theirs)
@@ -84,18 +92,36 @@ class Context:
     def event(self, action: str, **fields) -> int | None:
         """A `scenario` event: through the daemon (so the console sees it) when there is one."""
         fields = {"run": self.run_label, "name": self.scenario.name, "action": action, **fields}
-        if self.client is not None:
-            try:
-                return self.client.emit("scenario", **fields)
-            except DjinnError:
-                pass
-        self.log.local("scenario", **fields)
+        with self._lock:
+            if self._shut_out():
+                return None
+            if self.client is not None:
+                try:
+                    return self.client.emit("scenario", **fields)
+                except DjinnError:
+                    pass
+            self.log.local("scenario", **fields)
         return None
 
+    def _shut_out(self) -> bool:  # holding _lock
+        return self._closing and threading.get_ident() != self._owner
+
     def progress(self, done: int, total: int, message: str = "") -> None:
-        self._done = (done, total)
-        self.ui.progress(self.scenario.name, done, total, message)
-        self.event("progress", done=done, total=total, message=message)
+        with self._lock:
+            if self._shut_out():
+                return
+            self._done = (done, total)
+            self.ui.progress(self.scenario.name, done, total, message)
+            self.event("progress", done=done, total=total, message=message)
+
+    def advance(self, total: int, message: str = "") -> None:
+        """One more of `total` steps done, from whichever of the runner's threads."""
+        with self._lock:
+            self.progress(self._done[0] + 1, total, message)
+
+    @property
+    def done(self) -> int:
+        return self._done[0]
 
     def say(self, text: str) -> None:
         self.ui.line(text)

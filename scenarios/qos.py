@@ -200,16 +200,10 @@ def run(ctx, p: dict):
         raise
 
     ctx.begin()
-    total, finished = len(clients) * len(modes), [0]
+    total = len(clients) * len(modes)
 
-    plock, stopped = threading.Lock(), []
-
-    def progress(mode, rec):  # from the client threads, one at a time on ctx's client (zmq sockets: one thread each)
-        with plock:
-            if stopped:  # interrupted: ctx's client is the cleanup's now
-                return
-            finished[0] += 1
-            ctx.progress(finished[0], total, f"qos {mode}: client {rec['client']} ({rec['qos']}) done")
+    def progress(mode, rec):  # from the client threads
+        ctx.advance(total, f"qos {mode}: client {rec['client']} ({rec['qos']}) done")
 
     runs = {}
     try:
@@ -219,10 +213,6 @@ def run(ctx, p: dict):
                 f"{cls} p50 {f['latency_ms']['p50']} ms p99 {f['latency_ms']['p99']} ms, "
                 f"{f['device_share']} of the device" for cls, f in runs[mode]["classes"].items())
                 + f"; {runs[mode]['wall_s']} s")
-    except BaseException:  # Ctrl-C or SIGTERM: client threads still running must leave ctx's client alone
-        with plock:
-            stopped.append(True)
-        raise
     finally:
         c.set_scheduler(**restore_settings(before))
     m = ctx.measure()
