@@ -173,10 +173,18 @@ def up(daemons: int | None = None, gpus: bool | None = None, args: tuple[str, ..
         info = ray.get(actor.info.remote(), timeout=timeout)
         info.update(args=list(args), gpu=gpus, state="up", placement_group=f"djinn-fleet-{first}", bundle=i)
         ray.get(registry.add_daemon.remote(info))
+        _trust(info)
         for s in ray.get(actor.sessions.remote()):  # restored from its journal
             ray.get(registry.place.remote(f"{name}/{s['id']}", name, s["id"]))
         infos.append(info)
     return infos
+
+
+def _trust(info: dict) -> None:
+    """The daemon's key trusted at its URL by this user (`djinn keys trust`), so that `djinn --connect
+    URL` reaches it as any remote daemon; a restarted one listens on a new port."""
+    if remote.trusted().get(info["url"]) != info["server_key"]:
+        remote.trust(info["url"], info["server_key"])
 
 
 def _start_actor(name: str, args: list[str], key: str, gpus: bool, strategy):
@@ -210,6 +218,7 @@ class Fleet:
                 st = ray.get(ray.get_actor(name).status.remote(), timeout=PING_TIMEOUT_S * 2)
                 row.update(state="up" if not st["restarts"] else "restarted", status=st, url=st["listen"]["url"],
                            pid=st["pid"])  # a restarted daemon listens on a new port
+                _trust(row)
             except (RayError, ValueError, DjinnError) as e:  # its actor is dead, unreachable or not answering
                 row.update(self._heal(name, info, e, reg["sessions"]))
             ray.get(self.registry.set_state.remote(name, **{k: row[k] for k in ("state", "url", "pid") if k in row},
@@ -231,6 +240,7 @@ class Fleet:
             st = ray.get(actor.status.remote(), timeout=PING_TIMEOUT_S * 6)
             fresh = ray.get(actor.info.remote())
             ray.get(self.registry.add_daemon.remote({**info, **fresh, "state": "moved"}))
+            _trust(fresh)
             return {**fresh, "state": "moved", "status": st, "why": str(why)}
         except Exception as e:  # noqa: BLE001 - whatever failed, the sessions are reported, not dropped
             return {"state": "dead", "lost": lost, "why": f"{why}; restart failed: {e}"}

@@ -67,8 +67,9 @@ def test_one_daemon_per_gpu_bundle_on_the_gpu_node_and_the_cli_shows_them(world)
     lines = out.stdout.splitlines()
     assert [line.split()[:2] for line in lines[:2]] == [["djinnd-0", "up"], ["djinnd-1", "up"]], out.stdout
     for info in world.infos:  # each an ordinary remote daemon (--listen), its key trusted by the fleet's user
-        with Client(url=info["url"], server_key=info["server_key"], timeout=10) as c:
+        with Client(url=info["url"], timeout=10) as c:  # (the key from `djinn keys trust`'s file)
             assert c.status()["pid"] == info["pid"]
+        assert remote.trusted()[info["url"]] == info["server_key"]
 
 
 def test_a_session_goes_where_the_budget_is_freest_unless_pinned(world):
@@ -133,6 +134,7 @@ def test_a_daemon_whose_process_dies_comes_back_with_its_sessions(world):
     time.sleep(0.5)
     row = world.fleet.status()["daemons"]["djinnd-1"]
     assert row["state"] == "restarted" and row["status"]["pid"] != pid
+    assert remote.trusted()[row["url"]] == row["server_key"]  # its new port: `djinn --connect` reaches it
     world.pids.add(row["status"]["pid"])
     assert world.fleet.session(fid)["tokens"] == before  # its journal brought it back
     assert len(world.fleet.generate(fid, 2)) == 2
