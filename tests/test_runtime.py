@@ -8,9 +8,11 @@ import time
 import pytest
 import torch
 
+from djinnd.charges import capacity_for
 from djinnd.client import DjinnError
 from djinnd.models import load_model
 from djinnd.runtime import Runtime
+from djinnd.scheduler import DeviceLock
 from djinnd.telemetry import EventBus
 
 PROMPT = "The capital of France is"
@@ -542,3 +544,67 @@ def test_a_prefill_in_chunks_gives_the_tokens_of_a_whole_one(lm):
     finally:
         whole.shutdown()
         chunked.shutdown()
+
+
+def test_two_prefills_with_room_for_one_at_a_time_never_wait_on_each_other_under_max_concurrency_2(lm):
+    """--max-concurrency 2: two 1000-token prompts prefilled at once in chunks of 64, in a budget
+    whose room holds either one's slab as it grows (the old slab and the new side by side, and a
+    chunk's activations), not both slabs. With a device slot each, they wait only for room. A
+    forward that found the room held by the other, running, waited for it in `reserve` holding its
+    pin, its slab and its slot; the other, entering its next chunk, did the same: both pinned, each
+    waiting for room the other held, 60 s (ROOM_WAIT_S), then one failed out_of_budget. Letting go
+    of the pin to wait was not enough: each pinned itself again before trying, met the other's pin,
+    and the two took turns so for the same 60 s (no swap either way). Both must end at once: with
+    their tokens (one waits, holding nothing, for the other's forward to end), or out_of_budget.
+    The joins' timeout only detects the stall; the race gets three rounds."""
+    prompts = [[3 + (7 * i + k) % 500 for i in range(1000)] for k in (0, 1)]
+    chunk, cap, seq, peak = 64, 0, 0, 0
+    for n in [chunk] * (len(prompts[0]) // chunk) + [len(prompts[0]) % chunk, 1]:  # the prefill, a step
+        new = capacity_for(cap, seq + n)
+        peak, cap, seq = max(peak, cap + new if new > cap else 0), new, seq + n
+    kv = lm.kv_bytes_per_token
+    bus = EventBus()
+    rt = Runtime(lm, bus, lm.weights_bytes + (64 << 20), 64 << 20, tempfile.mkdtemp(),  # budget set below
+                 device_lock=DeviceLock(max_concurrency=2), prefill_chunk=chunk)
+    threads = []
+    try:
+        room = peak * kv + rt._forward_bytes(chunk) + (64 << 10)
+        assert 2 * cap * kv > room  # the two slabs, grown, do not fit together
+        rt.mem.set_budget(rt.mem.fixed + room)
+        want = []
+        for p in prompts:  # alone, one after the other, each fits
+            s = rt.create(token_ids=p)
+            want.append(rt.generate(s.id, 2))
+            rt.close(s.id)
+        for _ in range(3):
+            sessions = [rt.create(token_ids=p) for p in prompts]
+            got, swaps = {}, rt.mem.counters["swap_outs"]
+
+            def run(i, s):
+                try:
+                    got[i] = rt.generate(s.id, 2)
+                except DjinnError as e:
+                    got[i] = (e.code, str(e))
+
+            threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(sessions)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            stuck = [(s.id, str(s.state), s.pins, s.charge) for t, s in zip(threads, sessions) if t.is_alive()]
+            assert not stuck, (f"forwards still waiting after 30 s (id, state, pins, charge): {stuck}; "
+                               f"{rt.mem.used} B used of {rt.mem.budget}")
+            for i, w in enumerate(want):
+                r = got.get(i)
+                assert r == w or (isinstance(r, tuple) and r[0] == "out_of_budget"), r
+            assert got[0] == want[0] or got[1] == want[1], got  # at least one ran
+            assert rt.mem.counters["swap_outs"] > swaps  # they took turns on the device
+            for s in sessions:
+                rt.close(s.id)
+    finally:
+        if any(t.is_alive() for t in threads):  # stalled: let the 60 s wait run out before shutdown
+            for t in threads:
+                t.join(90)
+        rt.shutdown()
+        bus.close()
