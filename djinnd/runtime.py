@@ -374,16 +374,20 @@ class Runtime:
 
     # -- forward passes ---------------------------------------------------------------------------
     def generate(self, sid, max_new_tokens: int) -> list[int]:
+        """Greedy tokens, one forward each; no other request's forward or append comes between them
+        (it is refused as busy), so a generate's tokens are contiguous in the session."""
         s = self.get(sid)
         tokens = []
+        self._take_op(s)
         try:
             for _ in range(max_new_tokens):
                 if self.stopping:  # rather than hold the stop up: what it made is kept (and journaled)
                     raise DjinnError("stopping", f"djinnd is stopping: session {s.id} generated {len(tokens)} of "
                                      f"{max_new_tokens} tokens, which it keeps")
-                tokens.append(self._run_forward(s, [])["token"])
+                tokens.append(self._forward_held(s, [])["token"])
             return tokens
         finally:
+            s.op_lock.release()
             self._record(s)
 
     def append(self, sid, token_ids) -> dict:
@@ -516,30 +520,34 @@ class Runtime:
         # it and the answer read back from the session
         self._take_op(s)
         try:
-            if s.replay:
-                self._check_idle(s)
-                self._replay(s)
-            with s.cond:
-                self._check_idle(s)
-                if not self._fits_context(s):
-                    raise DjinnError("bad_state", f"session {s.id} holds {s.cache.seq_len} tokens: the model's "
-                                     f"context of {self.lm.context_length} is full")
-                s.state, s.breakpoints, s.error, s.token = State.RUNNING, breakpoints, None, None
-                s.patches, s.restored = [], False
-                if breakpoints:  # it may pause: a thread of its own, which waits there for resume
-                    s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
-                    s.thread.start()
-            if breakpoints:
-                return self._wait(s)
-            if len(s.pending) == 1:  # a decode step: it may share a forward with other sessions' steps
-                waking, s.waking = s.waking, False
-                rows = self.device_lock.join(s, s.qos, waking)
-                if rows is not None:
-                    self._run_batch(rows)
-                return self._wait(s)
-            return {"state": "idle", "token": self._forward(s)}  # a prefill, here: no thread hand-off
+            return self._forward_held(s, breakpoints)
         finally:
             s.op_lock.release()
+
+    def _forward_held(self, s: Session, breakpoints: list[int]) -> dict:
+        """The next forward of `s`, whose op_lock the caller holds: its answer once paused or ended."""
+        if s.replay:
+            self._check_idle(s)
+            self._replay(s)
+        with s.cond:
+            self._check_idle(s)
+            if not self._fits_context(s):
+                raise DjinnError("bad_state", f"session {s.id} holds {s.cache.seq_len} tokens: the model's "
+                                 f"context of {self.lm.context_length} is full")
+            s.state, s.breakpoints, s.error, s.token = State.RUNNING, breakpoints, None, None
+            s.patches, s.restored = [], False
+            if breakpoints:  # it may pause: a thread of its own, which waits there for resume
+                s.thread = threading.Thread(target=self._forward, args=(s,), name=f"session-{s.id}", daemon=True)
+                s.thread.start()
+        if breakpoints:
+            return self._wait(s)
+        if len(s.pending) == 1:  # a decode step: it may share a forward with other sessions' steps
+            waking, s.waking = s.waking, False
+            rows = self.device_lock.join(s, s.qos, waking)
+            if rows is not None:
+                self._run_batch(rows)
+            return self._wait(s)
+        return {"state": "idle", "token": self._forward(s)}  # a prefill, here: no thread hand-off
 
     def _check_ids(self, token_ids) -> None:
         if not token_ids or not all(0 <= t < self.lm.vocab_size for t in token_ids):

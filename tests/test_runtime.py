@@ -608,3 +608,48 @@ def test_two_prefills_with_room_for_one_at_a_time_never_wait_on_each_other_under
                 t.join(90)
         rt.shutdown()
         bus.close()
+
+
+def test_a_generates_tokens_are_contiguous_another_request_on_its_session_meanwhile_is_refused_as_busy(rt):
+    ref = rt.create(prompt=PROMPT)
+    want = rt.generate(ref.id, 40)
+    s = rt.create(prompt=PROMPT)
+    got, take_op = [], rt._take_op
+
+    def slow_take_op(x):  # the generating thread comes late for its session: a race's window made wide
+        if threading.current_thread() is t:
+            time.sleep(0.005)
+        take_op(x)
+
+    rt._take_op = slow_take_op
+    t = threading.Thread(target=lambda: got.extend(rt.generate(s.id, 40)))
+    t.start()
+    while len(s.generated) < 3 and t.is_alive():
+        time.sleep(0.001)
+    calls, codes = [lambda: rt.append(s.id, [5, 6]), lambda: rt.generate(s.id, 1), lambda: rt.run_to(s.id, [2])], set()
+    while t.is_alive():  # over and over: between two of its tokens too
+        try:
+            calls[len(codes) % 3]()
+            codes.add("answered")
+        except DjinnError as e:
+            codes.add(e.code)
+        time.sleep(0.001)  # (the GIL for the generate)
+    t.join(60)
+    assert codes == {"bad_state"}  # busy with another request, or running
+    assert got == want and s.generated == want  # nothing came between its tokens
+    other = rt.create(prompt=PROMPT)  # a close meanwhile ends it at its next token
+    ended = []
+
+    def long_generate():
+        try:
+            rt.generate(other.id, 4000)
+        except DjinnError as e:
+            ended.append(e.code)
+
+    t = threading.Thread(target=long_generate, daemon=True)
+    t.start()
+    while len(other.generated) < 2:
+        time.sleep(0.001)
+    rt.close(other.id)
+    t.join(30)
+    assert not t.is_alive() and other.id not in rt.sessions and ended == ["unknown_session"]
