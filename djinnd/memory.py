@@ -548,7 +548,7 @@ class MemoryManager:
                         pos += n
             else:
                 with self._on(stream):
-                    self.disk.read(stored.path, [u8(st) for st in storages], stored.crc)
+                    self.disk.read(stored.path, [u8(st) for st in storages])
         except Exception as e:  # noqa: BLE001 - roll back: the session stays swapped out, intact
             self._sync(stream)  # a copy queued before the failure may still write the storage
             for st in storages:

@@ -3,7 +3,8 @@
 With torch and transformers imported, Python's own teardown (module dicts, then a full collection)
 took 2.2 s of CPU a process here, on top of whatever the command did: every `djinn` run and every
 daemon's stop paid it. The exit handlers still run (log handlers flushed, temporary folders
-removed), and threads that are not daemons are waited for, as a normal exit does.
+removed), and threads that are not daemons are waited for, as a normal exit does (in its order:
+threading's own exit hooks first, which end concurrent.futures' workers).
 """
 
 import atexit
@@ -25,10 +26,8 @@ def run(main: Callable[[], object]) -> NoReturn:
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, status 1
         sys.excepthook(*sys.exc_info())
         code = 1
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
+    threading._shutdown()  # as the interpreter's exit: threading's exit hooks (executors' workers end), then
+    atexit._run_exitfuncs()  # the threads that are not daemons joined; then the exit handlers
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
