@@ -485,7 +485,21 @@ def resources(pid: int) -> dict:
             continue
         kinds[target.split(":[")[0] if ":[" in target else re.sub(r"events-[^/]*\.jsonl$", "events-*.jsonl", target)] += 1
     return {"fds": sum(kinds.values()), "fd_kinds": kinds, "rss": int(status["VmRSS"].split()[0]) * 1024,
-            "threads": int(status["Threads"])}
+            "threads": int(status["Threads"]), "rss_by": rss_by_mapping(pid)}
+
+
+def rss_by_mapping(pid: int) -> dict:
+    """RSS by kind of mapping (/proc/PID/smaps): the C heap (brk), anonymous mappings (malloc's other
+    arenas and large blocks, thread stacks, pymalloc's arenas), files (libraries, weights), the rest."""
+    out, kind = collections.Counter(), "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5].strip() if len(head) > 5 else ""
+            kind = "heap" if name == "[heap]" else "anon" if not name else "file" if name.startswith("/") else "other"
+        elif line.startswith("Rss:"):
+            out[kind] += int(line.split()[1]) * 1024
+    return dict(out)
 
 
 def burst(soak: Soak, n: int, prompt: list) -> None:
@@ -787,6 +801,8 @@ def run(soak: Soak, a) -> int:
     print(f"resources   baseline (pid {base['pid']})   end (pid {end['pid']})")
     print(f"  fds       {base['fds']:>10}   {end['fds']:>10}")
     print(f"  RSS MiB   {base['rss'] / MIB:>10.1f}   {end['rss'] / MIB:>10.1f}")
+    for kind in ("heap", "anon", "file", "other"):
+        print(f"   {kind:<8} {base['rss_by'].get(kind, 0) / MIB:>10.1f}   {end['rss_by'].get(kind, 0) / MIB:>10.1f}")
     print(f"  threads   {base['threads']:>10}   {end['threads']:>10}")
     print(f"  spare B   {base['spare_bytes']:>10}   {end['spare_bytes']:>10}   (kept from swap-outs, trimmed to 1 MiB first)")
     print(f"  host B    {base['host_bytes']:>10}   {end['host_bytes']:>10}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import zmq
 
-from . import logsetup, paths, sdnotify
+from . import heap, logsetup, paths, sdnotify
 from .pidfile import AlreadyRunning, is_locked, lock_pidfile, read_pid
 
 log = logging.getLogger("djinnd")
@@ -61,6 +61,7 @@ def run_foreground(config) -> int:
     """Serve until SIGTERM/SIGINT or a `shutdown` request; 0 on a clean stop (config: a DaemonConfig)."""
     logsetup.setup()
     sys.setswitchinterval(0.001)  # hand the GIL over often: status must be answered while forwards run
+    heap.limit_arenas()  # before its threads start
     sock = config.socket
     prepare_folder(sock)
     try:

@@ -1,23 +1,41 @@
-"""Hand the C heap's free memory back to the OS when the daemon has no session left.
+"""Keep the C heap near what the daemon uses: few malloc arenas, and their free memory handed back to
+the OS when the daemon has no session left.
 
-glibc keeps memory freed by the many RPC and session threads in its arenas (and their free pages
-resident) for the next allocation: after a load, a daemon with every session closed held ~30 MiB
-more than it needs (bench/results/cpu-2026-12-02-soak-2.md). malloc_trim(0) returns the free pages
-of every arena; it costs a few milliseconds, so it runs only when the last session closes.
+glibc gives each thread that allocates an arena of its own (up to 8 a core), and each arena keeps
+what its threads freed, fragmented, for the next allocation: after a 3-minute soak a daemon with
+every session closed held +64 MiB of anonymous memory, +29 MiB with two arenas (bench/results/
+cpu-2026-12-03-soak.md), the usual remedy for many-threaded servers (MALLOC_ARENA_MAX=2). The daemon's
+threads allocate little but tensors, which on the CPU are its KV slabs; on CUDA they live on the device.
+malloc_trim(0) returns the free pages of every arena; it costs a few milliseconds, so it runs only
+when the last session closes.
 """
 
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 
 log = logging.getLogger(__name__)
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+ARENAS = 2
+
 try:
-    _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _trim, _mallopt = _libc.malloc_trim, _libc.mallopt
     _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+    _mallopt.argtypes, _mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
 except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-    _trim = None
+    _trim = _mallopt = None
+
+
+def limit_arenas() -> bool:
+    """At most ARENAS malloc arenas for the threads started from now on, unless MALLOC_ARENA_MAX says
+    otherwise; whether it was set."""
+    if _mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return bool(_mallopt(M_ARENA_MAX, ARENAS))
 
 
 def trim() -> float | None:
