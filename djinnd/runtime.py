@@ -37,9 +37,9 @@ PREFILL_CHUNK = 512  # tokens a prefill segment feeds at most
 def _built(s: Session, n: int) -> None:
     """A forward of `n` tokens went into its KV: its history, for the journal (run-length coded; a
     patched forward is one entry with its patches, [n, 1, patches], to be redone with them)."""
-    seg = s.segments
-    if s.patches and s.breakpoints:
-        seg.append([n, 1, list(s.patches)])
+    seg, patches = s.segments, s.redo or (s.patches if s.breakpoints else [])
+    if patches:
+        seg.append([n, 1, list(patches)])
     elif seg and seg[-1][0] == n and len(seg[-1]) == 2:
         seg[-1] = [n, seg[-1][1] + 1]
     else:
@@ -274,16 +274,15 @@ class Runtime:
     def _replay(self, s: Session) -> None:
         """A restored session's KV computed again before its next forward: the forwards in `s.replay`,
         on its tokens before the pending ones (its tokens and pending input are left as they were)."""
-        generated, pending = s.generated, s.pending
-        tokens = s.prompt_ids + generated
-        with s.cond:  # its tokens and input are the replay's meanwhile: not to be journaled
-            s.state, s.generated = State.RUNNING, list(generated)
+        pending, tokens = s.pending, s.prompt_ids + s.generated
+        with s.cond:  # its input is the replay's meanwhile: not to be journaled
+            s.state = State.RUNNING
         try:
             while s.replay:
                 (size, times, *patches), pos = s.replay[0], s.cache.seq_len
                 s.pending, s.redo = tokens[pos:pos + size], patches[0] if patches else []
                 try:
-                    while self._segment(s) is None:
+                    while self._segment(s, keep=False) is None:
                         pass
                 except Aborted:
                     raise DjinnError("unknown_session", f"session {s.id} is closing") from None
@@ -297,7 +296,7 @@ class Runtime:
         finally:
             s.redo = []
             with s.cond:
-                s.generated, s.pending, s.token, s.state = generated, pending, None, State.IDLE
+                s.pending, s.token, s.state = pending, None, State.IDLE
 
     # -- moving sessions between daemons (moves.py) ------------------------------------------------
     def export_session(self, sid, folder) -> dict:
@@ -678,9 +677,10 @@ class Runtime:
             self._event(s, "finished", token=token)
         return None
 
-    def _segment(self, s: Session) -> int | None:
+    def _segment(self, s: Session, keep: bool = True) -> int | None:
         """One forward segment: the first `n` pending tokens through the model; the token when they
-        were the last, None when a prefill has chunks to go (and its pending tokens are the rest)."""
+        were the last, None when a prefill has chunks to go (and its pending tokens are the rest).
+        The token is the session's next one, unless not `keep` (a forward run again: _replay)."""
         whole = s.breakpoints or s.redo  # a pause, or a patch, sees every token of it
         n = len(s.pending) if whole else min(len(s.pending), self.prefill_chunk)
         if s.closing:  # closed between two chunks
@@ -705,9 +705,10 @@ class Runtime:
                 s.pending = s.pending[n:]
                 return None
             token = int(logits.argmax())
-            s.generated.append(token)
-            s.pending = [token]
-            s.token = token
+            if keep:
+                s.generated.append(token)
+                s.pending = [token]
+                s.token = token
             return token
         except BaseException:
             for layer in s.cache.layers:

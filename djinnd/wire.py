@@ -77,7 +77,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("session.list", (), '`{"sessions": [info, ...]}`', "every session", "sessions"),
     Method("session.get", (SESSION,), 'session info and `"prompt_ids"`', "one session", "session", SID),
     Method("session.generate", (SESSION, Param("max_new_tokens", "int", 1, lo=1, hi=4096)), '`{"tokens": [...]}`',
-           "greedy tokens", "generate", {**SID, "n": ("max_new_tokens",)}, slow=True),
+           "greedy tokens, contiguous in the session (another request's forward or append on it meanwhile "
+           "gets `bad_state`)", "generate", {**SID, "n": ("max_new_tokens",)}, slow=True),
     Method("session.append", (SESSION, Param("token_ids", "ints", lo=0, doc="token ids")), '`{"pending": n}`',
            "input the next forward feeds after what the session holds (a new turn: its KV is kept)", "append", SID),
     Method("session.run_to", (SESSION, Param("layers", "ints", lo=0, doc="decoder-layer indices")),

@@ -374,3 +374,8 @@ def test_a_patched_forward_that_finished_is_redone_with_its_patches_after_kill_9
     with again.client() as c, ref.client() as r:
         assert {sid: c.session(sid)["tokens"] for sid in sids} == tokens
         assert {sid: c.generate(sid, 6) for sid in sids} == {sid: r.generate(sid, 6) for sid in sids}
+    again.proc.kill()  # and again: the forwards run again were journaled with their patches too
+    again.proc.wait()
+    third = make_daemon("--device", "cpu", folder=d.folder)
+    with third.client() as c, ref.client() as r:
+        assert {sid: c.generate(sid, 3) for sid in sids} == {sid: r.generate(sid, 3) for sid in sids}
