@@ -1,6 +1,7 @@
 """The wire format of docs/PROTOCOL.md: versioned JSON frames with request ids and structured errors."""
 
 import json
+import os
 
 VERSION = 1
 MAX_FRAME = 1 << 20
@@ -18,8 +19,28 @@ class DjinnError(Exception):
         return self.message
 
 
+class RawJSON:
+    """JSON text already made (the event history keeps its events so): a reply takes it as it is."""
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes):
+        self.text = text
+
+
 def encode(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_default).encode()
+    raw: list[bytes] = []
+    tag = os.urandom(6).hex()  # a placeholder no string in `obj` can spell
+
+    def default(o):
+        if isinstance(o, RawJSON):
+            raw.append(o.text)
+            return f"{tag}{len(raw) - 1}"
+        return _default(o)
+
+    out = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=default).encode()
+    for i, text in enumerate(raw):
+        out = out.replace(f'"{tag}{i}"'.encode(), text, 1)
+    return out
 
 
 def _default(o):

@@ -121,15 +121,15 @@ class EventBus:
         while len(events) > self.keep_events or (self.events_bytes > self.keep_bytes and len(events) > 1):
             self.events_bytes -= len(events.popleft())
 
-    def since(self, seq: int) -> tuple[list[dict], int]:
-        """Non-sample events after `seq`, and how many of those are no longer kept."""
+    def since(self, seq: int) -> tuple[list[bytes], int]:
+        """Non-sample events after `seq` (their JSON), and how many of those are no longer kept."""
         with self._lock:
             kept = list(self.events)
             last = self.seq
         oldest = _seq_of(kept[0]) if kept else last + 1
         lost = max(0, oldest - seq - 1) if seq < oldest - 1 else 0
         first = bisect.bisect_right(kept, seq, key=_seq_of)  # kept in sequence order
-        return [json.loads(line) for line in kept[first:]], lost
+        return kept[first:], lost
 
     def recent(self, n: int, samples: bool = False) -> list[dict]:
         """The last `n` samples, or the last `n` other events."""

@@ -3,6 +3,7 @@ document follow it, nothing else names a method, and bad parameters are stopped 
 
 import ast
 import inspect
+import json
 import re
 
 import pytest
@@ -92,3 +93,10 @@ def test_bad_parameters_are_refused_at_the_edge_naming_the_parameter_and_change_
             assert str(e.value).startswith(method) and "\n" not in str(e.value)
         assert (c.session(sid), c.status()["memory"]) == before
         assert [before[0]["tokens"][0]] + c.generate(sid, 3) == expected
+
+
+def test_json_already_made_goes_into_a_reply_as_it_is_and_strings_stay_strings():
+    from djinnd.protocol import RawJSON, encode
+    kept = [json.dumps({"seq": i, "type": "session", "note": "\u0000 \"q\""}).encode() for i in range(3)]
+    obj = {"events": RawJSON(b"[" + b",".join(kept) + b"]"), "lost": 0, "also": [RawJSON(b"{}"), "0", "{}"]}
+    assert json.loads(encode(obj)) == {"events": [json.loads(k) for k in kept], "lost": 0, "also": [{}, "0", "{}"]}
