@@ -18,7 +18,8 @@ out from two threads at once against one swapped out alone (the wall clock until
 median of the reps), beside the same ratio for two raw copies of that size run at once against one
 (two threads, each `dst.copy_(src)`; on a GPU each on a side stream of its own): the physical limit
 of running two at once on this machine. Goal: two concurrent 64 MiB swap-outs take < 1.6x one on the
-CPU (swaps of different sessions do not wait on each other).
+CPU (swaps of different sessions do not wait on each other). With `--disk`, the same for two swap-outs
+to the disk tier (each disk copy has a bounce buffer of its own; no goal: the page cache decides).
 
     python bench/swap.py [--device cpu|cuda] [--model NAME] [--sizes MiB,... | --tokens N,...] [--reps 9]
                          [--threads N] [--disk] [--concurrent MiB] [--json PATH]
@@ -312,11 +313,11 @@ class RawPair:
         return together(lambda: self._copy(0), lambda: self._copy(1))
 
 
-def bench_concurrent(device: torch.device, lm, size: int, reps: int, spill: Path) -> dict:
-    """Median wall clock of one `size`-byte session swapped out alone, and of two swapped out at once
-    from two threads (each round swaps them back in, untimed), beside the raw copies' same ratio."""
+def bench_concurrent(device: torch.device, lm, size: int, reps: int, spill: Path, tier: str = "host") -> dict:
+    """Median wall clock of one `size`-byte session swapped out alone (to `tier`), and of two swapped
+    out at once from two threads (each round swaps them back in, untimed), beside the raw copies' same ratio."""
     bus = Bus()
-    mgr = make_manager(device, 2 * size, spill, bus)
+    mgr = make_manager(device, 2 * size if tier == "host" else 0, spill, bus)
     raw = RawPair(device, size)
     pair, slabs, blocks = [], [], []
     for sid in (1, 2):
@@ -335,7 +336,7 @@ def bench_concurrent(device: torch.device, lm, size: int, reps: int, spill: Path
             one = timed(lambda: mgr.swap_out(a, reason="bench"))
             mgr.swap_in(a, reason="bench")
             two = together(lambda: mgr.swap_out(a, reason="bench"), lambda: mgr.swap_out(b, reason="bench"))
-            assert a.stored is not None and b.stored is not None and a.stored.tier == b.stored.tier == "host"
+            assert a.stored is not None and b.stored is not None and a.stored.tier == b.stored.tier == tier
             together(lambda: mgr.swap_in(a, reason="bench"), lambda: mgr.swap_in(b, reason="bench"))
             assert a.stored is None and b.stored is None
             if rep == 0:
@@ -344,7 +345,7 @@ def bench_concurrent(device: torch.device, lm, size: int, reps: int, spill: Path
                 rec[k].append(v)
         # a last concurrent round trip with the pool cleared and the kept memory poisoned first:
         # only the two copies can bring each slab back, each its own bytes
-        mgr.host.view(0, 2 * size).zero_()
+        mgr.host.view(0, mgr.host.capacity).zero_()
         if mgr.spares:
             mgr.spares.poison = True
         together(lambda: mgr.swap_out(a, reason="bench"), lambda: mgr.swap_out(b, reason="bench"))
@@ -356,15 +357,15 @@ def bench_concurrent(device: torch.device, lm, size: int, reps: int, spill: Path
             s.cache.release()
         del slabs
     med = {k: statistics.median(v) for k, v in rec.items()}
-    return {"size": size, "label": label(size), "reps": reps, "intact": ok,
+    return {"size": size, "label": label(size), "tier": tier, "reps": reps, "intact": ok,
             **{f"{k}_ms": round(v, 4) for k, v in med.items()},
             "ratio": round(med["two"] / med["one"], 3), "raw_ratio": round(med["raw_two"] / med["raw_one"], 3)}
 
 
 def print_concurrent(r: dict, cuda: bool) -> str:
     raw = "two pinned D2H copies on two side streams" if cuda else "two memcpys (dst.copy_(src)) from two threads"
-    print(f"\nconcurrent swap-outs: two {r['label']} sessions from two threads at once vs one alone, "
-          f"median of {r['reps']}, wall clock")
+    print(f"\nconcurrent swap-outs to the {r['tier']} tier: two {r['label']} sessions from two threads at once "
+          f"vs one alone, median of {r['reps']}, wall clock")
     print(f"  one swap-out {r['one_ms']:.3f} ms, two at once {r['two_ms']:.3f} ms: {r['ratio']:.3f}x one"
           f"  ({'intact' if r['intact'] else 'NOT intact'})")
     print(f"  physical limit: one raw copy {r['raw_one_ms']:.3f} ms, {raw} {r['raw_two_ms']:.3f} ms: "
@@ -522,6 +523,9 @@ def main(argv=None) -> int:
             for r in result["disk"]:
                 print(f"{r['label']:>8} {r['out_gbps']:9.2f} {r['in_gbps']:8.2f} {r['out_ms']:9.2f} {r['in_ms']:9.2f}"
                       f"  {'yes' if r['intact'] else 'NO'}")
+            if args.concurrent > 0 and cfit and 2.4 * csize < free:  # each disk copy has its bounce buffer
+                result["concurrent_disk"] = bench_concurrent(device, lm, csize, reps, spill, tier="disk")
+                print_concurrent(result["concurrent_disk"], device.type == "cuda")
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -532,8 +536,9 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"figures written to {args.json}")
     bad = [r["label"] for r in result["host"] + result["disk"] if not r["intact"]]
-    if "concurrent" in result and not result["concurrent"]["intact"]:
-        bad.append(f"the concurrent pair of {result['concurrent']['label']}")
+    for key in ("concurrent", "concurrent_disk"):
+        if key in result and not result[key]["intact"]:
+            bad.append(f"the concurrent pair of {result[key]['label']} ({result[key]['tier']} tier)")
     if bad:
         print(f"INTEGRITY: the slab did not come back intact for {', '.join(bad)}", file=sys.stderr)
         return 1

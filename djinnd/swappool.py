@@ -9,6 +9,7 @@ idle session's KV that the journal names, see Runtime.restore) or removed (`swee
 other names in its folder are never touched.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -25,8 +26,8 @@ import torch
 from .sizes import format_size
 
 ALIGN = 512
-STAGING = 64 << 20  # bytes: the disk tier's bounce buffer
-BLOCK = 4 << 20  # bytes: the unit of its copies, each checksummed beside the next (DiskTier._through_stage)
+BLOCK = 4 << 20  # bytes: the unit of the disk tier's copies, each checksummed beside the next (DiskTier._through_stage)
+STAGES = 4  # copies to or from disk at once, each through a bounce buffer of its own (two blocks)
 SWAP_FILE = re.compile(r"session-\d+-\d+\.swap")  # the disk tier's own files (DiskTier.name); nothing else is touched
 
 log = logging.getLogger("djinnd")
@@ -112,9 +113,11 @@ class DiskTier:
         self.folder = Path(folder)
         self.used = 0
         self._device = device
-        self._staging = None
-        self._lock = threading.Lock()
-        self._crc = None  # a thread that checksums the staging buffer beside its copies (_through_stage)
+        self._lock = threading.Lock()  # `used`
+        self._stages: list[torch.Tensor] = []  # bounce buffers not in use (pinned on CUDA)
+        self._made = 0
+        self._free = threading.Condition()
+        self._crc = None  # threads that checksum the bounce buffers beside the copies (_through_stage)
         self.keep: set[str] = set()  # names of files the next start is to find (taken back, or left at a stop)
 
     @staticmethod
@@ -140,17 +143,18 @@ class DiskTier:
             if path.stat().st_size != nbytes:
                 raise OSError(f"{path.stat().st_size} B, not {nbytes}")
             got = 0
-            with open(path, "rb", buffering=0) as f, self._lock:
-                stage = self._stage().numpy()
-                while n := f.readinto(memoryview(stage)[:STAGING]):
-                    got = zlib.crc32(memoryview(stage)[:n], got)
+            with open(path, "rb", buffering=0) as f, self._stage() as stage:
+                view = memoryview(stage.numpy())
+                while n := f.readinto(view):
+                    got = zlib.crc32(view[:n], got)
             if got != crc:
                 raise OSError("its checksum does not match")
         except OSError as e:
             log.warning("swap file %s not taken back (%s): that session's KV is computed again", path, e.strerror or e)
             return None
         self.keep.add(name)
-        self.used += nbytes
+        with self._lock:
+            self.used += nbytes
         return path
 
     def sweep(self) -> tuple[int, int]:
@@ -173,10 +177,32 @@ class DiskTier:
                      count, "" if count == 1 else "s", format_size(nbytes), self.folder)
         return count, nbytes
 
-    def _stage(self) -> torch.Tensor:
-        if self._staging is None:
-            self._staging = host_buffer(self, STAGING, self._device)
-        return self._staging
+    @contextlib.contextmanager
+    def _stage(self):
+        """A bounce buffer of this copy's own, so that copies of different sessions go at once (at
+        most STAGES: then a copy waits for one to be free)."""
+        with self._free:
+            while not self._stages and self._made >= STAGES:
+                self._free.wait()
+            if self._stages:
+                stage = self._stages.pop()
+            else:
+                self._made += 1
+                stage = None
+        if stage is None:
+            try:
+                stage = host_buffer(self, 2 * BLOCK, self._device)
+            except BaseException:
+                with self._free:
+                    self._made -= 1
+                    self._free.notify()
+                raise
+        try:
+            yield stage
+        finally:
+            with self._free:
+                self._stages.append(stage)
+                self._free.notify()
 
     def write(self, name: str, parts: list[torch.Tensor], total: int) -> tuple[Path, int]:
         """Write the byte tensors in order to one file: its path and the CRC-32 of its bytes; on any
@@ -187,53 +213,57 @@ class DiskTier:
         try:
             if total:
                 os.posix_fallocate(fd, 0, total)
-            with self._lock:
-                crc = self._through_stage(parts, lambda src, stage: (stage.copy_(src), _write_exact(fd, stage.numpy())))
+            crc = self._through_stage(parts, lambda src, stage: (stage.copy_(src), _write_exact(fd, stage.numpy())))
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self.used += total
+        with self._lock:
+            self.used += total
         return path, crc
 
     def read(self, path: Path, parts: list[torch.Tensor]) -> None:
         """Read the file back into the byte tensors (OSError if it is short). Not checksummed: a file
         this run wrote is trusted as its host pool is (`adopt` checks those a previous run left)."""
-        with open(path, "rb", buffering=0) as f, self._lock:
+        with open(path, "rb", buffering=0) as f:
             self._through_stage(parts, lambda dst, stage: (_read_exact(f, stage.numpy()), dst.copy_(stage)), False)
 
     def _through_stage(self, parts: list[torch.Tensor], move, checksum: bool = True) -> int:
-        """`move(part's block, stage's block)` for each block of the parts in file order (holding
-        `_lock`): the disk's bytes pass through the staging buffer, since numpy views of a session's
-        own storage would make it non-resizable. Their CRC-32, computed block by block on the tier's
-        own thread while the next block moves: the checksum (~3 GB/s) hides behind the copies."""
-        if self._crc is None:
-            self._crc = ThreadPoolExecutor(1, thread_name_prefix="djinnd-crc")
-        stage, job = self._stage(), None
+        """`move(part's block, bounce buffer's block)` for each block of the parts in file order: the
+        disk's bytes pass through a bounce buffer, since numpy views of a session's own storage would
+        make it non-resizable. Their CRC-32 (0 without `checksum`), computed block by block on a
+        thread of the tier's while the next block moves: the checksum (~3 GB/s) hides behind the copies."""
+        if checksum and self._crc is None:
+            self._crc = ThreadPoolExecutor(2, thread_name_prefix="djinnd-crc")
+        job, reading = None, [None, None]  # the last checksum, and the one that reads each half
 
-        def crc(block, before):  # on the thread, in order: the block before is done
+        def crc(block, before):  # on a thread, after the block before it
             return zlib.crc32(block.numpy(), before.result() if before else 0)
 
-        try:
-            for part in parts:
-                for start in range(0, part.numel(), STAGING):
-                    if job is not None:
-                        job.result()  # the thread is done with the stage before it is filled again
-                    chunk = part[start:start + STAGING]
-                    for b in range(0, chunk.numel(), BLOCK):
-                        block = stage[b:min(b + BLOCK, chunk.numel())]
-                        move(chunk[b:b + BLOCK], block)
+        with self._stage() as stage:
+            try:
+                k = 0
+                for part in parts:
+                    for b in range(0, part.numel(), BLOCK):
+                        half = k % 2
+                        if reading[half] is not None:
+                            reading[half].result()  # its checksum is done before the half is filled again
+                        src = part[b:b + BLOCK]
+                        block = stage[half * BLOCK:half * BLOCK + src.numel()]
+                        move(src, block)
                         if checksum:
-                            job = self._crc.submit(crc, block, job)
-        finally:
-            value = job.result() if job is not None else 0  # (whatever `move` raised: the stage is free)
+                            job = reading[half] = self._crc.submit(crc, block, job)
+                        k += 1
+            finally:
+                value = job.result() if job is not None else 0  # (whatever `move` raised: the buffer is free)
         return value
 
     def remove(self, path: Path, total: int) -> None:
         Path(path).unlink(missing_ok=True)
         self.keep.discard(Path(path).name)
-        self.used -= total
+        with self._lock:
+            self.used -= total
 
     def cleanup(self) -> None:
         """Remove the spill folder's swap files but those kept for the next start (on shutdown, when

@@ -682,3 +682,40 @@ def test_a_swap_out_of_another_session_completes_while_the_first_ones_copy_is_bl
         rt.mem.swap_in(s, reason="test")
         assert all(torch.equal(x, y) for x, y in zip(before[s.id], snapshot(s)))
     books_consistent(rt.mem, [a, b, c])
+
+
+def test_two_disk_copies_go_at_once_neither_waits_for_the_others_bytes(make_rt, monkeypatch):
+    """Each disk copy has a bounce buffer of its own: A's write is held inside the tier (its bytes
+    half written) while B's whole swap-out to disk and back goes through. With one buffer for the
+    tier, B waited for A."""
+    from djinnd import swappool
+    rt = make_rt(host_pool=0)
+    a, b = (rt.create(token_ids=LONG) for _ in range(2))
+    for s in (a, b):
+        rt.generate(s.id, 1)
+    before = {s.id: snapshot(s) for s in (a, b)}
+    real, started, release = swappool._write_exact, threading.Event(), threading.Event()
+
+    def held(fd, arr):  # A's bytes wait for the test on their way to its file
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f"session-{a.id}-"):
+            started.set()
+            release.wait(60)
+        real(fd, arr)
+
+    monkeypatch.setattr(swappool, "_write_exact", held)
+    ta = threading.Thread(target=rt.mem.swap_out, args=(a,), kwargs={"tier": "disk"})
+    ta.start()
+    try:
+        assert started.wait(30)
+        tb = threading.Thread(target=lambda: (rt.mem.swap_out(b, tier="disk"), rt.mem.swap_in(b)))
+        tb.start()
+        tb.join(30)
+        b_beside_a = not tb.is_alive() and b.location == "device" and rt.mem.counters["swap_ins"] == 1
+        assert ta.is_alive() and a.location == "device"
+    finally:
+        release.set()
+        ta.join(30)
+    assert b_beside_a and a.location == "disk"
+    rt.mem.swap_in(a)
+    for s in (a, b):
+        assert all(torch.equal(x, y) for x, y in zip(before[s.id], snapshot(s), strict=True))
