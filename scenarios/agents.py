@@ -28,6 +28,7 @@ from .figures import figure
 POLICIES = ("semantic", "reactive", "hold")
 ON_THE_WAKE_UP_PATH = ("demand", "compute")  # swap-in reasons a request waits for (prefetch ones it does not)
 CLIENT_TIMEOUT = 300.0
+STOP_WAIT_S = 10.0  # how long an interrupted run waits for its agents to close their sessions
 REFERENCE_RATE = 0.2  # agents a second in the reference experiment (EXPERIMENTS.md)
 
 
@@ -106,8 +107,9 @@ class Live:
             self.now -= 1
 
 
-def run_agent(ctx, p: dict, policy: str, a: dict, vocab: int, live: Live, done, t0: float) -> dict:
-    """One agent's life; its record (status, first-token and wake-up latencies, tokens)."""
+def run_agent(ctx, p: dict, policy: str, a: dict, vocab: int, live: Live, done, t0: float, stop) -> dict:
+    """One agent's life; its record (status, first-token and wake-up latencies, tokens). It ends at
+    its next step once `stop` is set (the run was interrupted), closing its session."""
     k = p["decode_tokens"]
     rec = {"agent": a["agent"], "status": "failed", "started_s": None, "first_token_ms": None, "wakeups_ms": [],
            "wake_at_s": [], "compute_signal_ms": [], "wake_windows": [], "tokens": [], "error": None}
@@ -120,11 +122,14 @@ def run_agent(ctx, p: dict, policy: str, a: dict, vocab: int, live: Live, done, 
             sid = c.create_session(token_ids=ids, qos="interactive")
             ctx.sessions.add(sid)
             for turn in range(p["turns"]):
+                if stop.is_set():
+                    raise DjinnError("aborted", "the run was interrupted")
                 if turn:
                     tool = a["tools_ms"][turn - 1]
                     if policy == "semantic":
                         c.signal_phase(sid, "IO_WAIT", expected_ms=tool if p["hint"] == "exact" else p["tool_ms"])
-                    time.sleep(tool / 1000)
+                    if stop.wait(tool / 1000):
+                        raise DjinnError("aborted", "the run was interrupted")
                     t_end = time.perf_counter()
                     if policy == "semantic" and p["compute_signal"]:
                         c.signal_phase(sid, "COMPUTE", wait=False)
@@ -172,7 +177,7 @@ def run_policy(ctx, p: dict, policy: str, workload: list[dict], vocab: int, prog
         ctx.set_swap(False)  # the harness puts the daemon's setting back after the run, whatever happens
     st0 = c.status()
     live, records, threads = Live(), [], []
-    lock = threading.Lock()
+    lock, stop = threading.Lock(), threading.Event()
 
     def done(rec):
         with lock:
@@ -186,12 +191,18 @@ def run_policy(ctx, p: dict, policy: str, workload: list[dict], vocab: int, prog
             delay = t0 + a["arrival_s"] - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            th = threading.Thread(target=run_agent, args=(ctx, p, policy, a, vocab, live, done, t0),
+            th = threading.Thread(target=run_agent, args=(ctx, p, policy, a, vocab, live, done, t0, stop),
                                   name=f"agent-{a['agent']}", daemon=True)
             th.start()
             threads.append(th)
         for th in threads:
             th.join()
+    except BaseException:  # Ctrl-C or SIGTERM: each agent closes its own session at its next step, even one
+        stop.set()         # whose create was in flight (the cleanup cannot know it), before the run ends
+        deadline = time.monotonic() + STOP_WAIT_S
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
+        raise
     finally:
         wall = time.perf_counter() - t0
         if policy == "hold":
