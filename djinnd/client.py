@@ -257,6 +257,12 @@ class Client(_Api):
         self._ctx = zmq.Context.instance()
         self._sock = None
 
+    def twin(self, timeout: float | None = None) -> "Client":
+        """Another client of the same daemon with a socket of its own, for another thread (a zmq
+        socket is one thread's)."""
+        t = self.target
+        return Client(t.socket_path, self.timeout if timeout is None else timeout, url=t.url, server_key=t.server_key)
+
     def __enter__(self):
         return self
 

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 
-from djinnd import Client, DjinnError, estimate, format_size, percentile
+from djinnd import DjinnError, estimate, format_size, percentile
 
 from .common import Skip, prompt_ids, vocab_of
 from .figures import figure
@@ -115,7 +115,7 @@ def run_agent(ctx, p: dict, policy: str, a: dict, vocab: int, live: Live, done, 
            "wake_at_s": [], "compute_signal_ms": [], "wake_windows": [], "tokens": [], "error": None}
     ids = prompt_ids(p["seed"], a["agent"], p["prompt_len"], vocab)
     sid, admitted = None, False
-    with Client(ctx.client.socket_path, timeout=CLIENT_TIMEOUT) as c:
+    with ctx.client.twin(CLIENT_TIMEOUT) as c:
         try:
             t_start = time.perf_counter()
             rec["started_s"] = round(t_start - t0, 4)  # since the policy's first arrival

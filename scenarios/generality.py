@@ -9,7 +9,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from djinnd import Client, DjinnError, PrivateDaemon, PrivateDaemonError, estimate
+from djinnd import DjinnError, PrivateDaemon, PrivateDaemonError, estimate
 
 from .common import Skip
 from .exp3_plan import crit
@@ -173,7 +173,7 @@ class _Checks:
         together = threading.Barrier(len(prompts))
 
         def decode(i):
-            with Client(self.c.socket_path, timeout=120) as c:
+            with self.c.twin(120) as c:
                 for _ in range(self.n):
                     together.wait(60)
                     got[i] += c.generate(sids[i], 1)

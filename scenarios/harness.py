@@ -26,6 +26,7 @@ from .common import Skip
 from .recorder import EventLog, Recorder
 
 EXIT = {"pass": 0, "fail": 1, "skipped": 2, "error": 2}
+SIDE_TIMEOUT_S = 10.0  # a runner thread's progress event: not worth waiting longer for
 
 
 class Context:
@@ -46,10 +47,12 @@ class Context:
         self._t0_ns = time.monotonic_ns()
         self._status0: dict | None = None
         self._done = (0, 0)  # the last progress reported
-        # A runner's client threads report progress too: one at a time on the client (a zmq socket is
-        # one thread's), and none once the cleanup has it (an interrupted run's threads may still run).
+        # A runner's client threads report progress too: through a client of their own (a zmq socket
+        # is one thread's: the run's thread keeps `client`), one at a time, and none once the cleanup
+        # has begun (an interrupted run's threads may still run).
         self._lock = threading.RLock()
         self._owner = threading.get_ident()
+        self._side: Client | None = None
         self._closing = False
 
     # -- lifecycle (the harness) -------------------------------------------------------------------
@@ -66,6 +69,9 @@ class Context:
             if last_seq:
                 self.recorder.wait_for(last_seq)
             self.recorder.stop()
+        with self._lock:
+            if self._side is not None:
+                self._side.close_socket()
         self.log.close()
 
     def cleanup(self) -> None:
@@ -97,7 +103,7 @@ class Context:
                 return None
             if self.client is not None:
                 try:
-                    return self.client.emit("scenario", **fields)
+                    return self._client_here().emit("scenario", **fields)
                 except DjinnError:
                     pass
             self.log.local("scenario", **fields)
@@ -105,6 +111,14 @@ class Context:
 
     def _shut_out(self) -> bool:  # holding _lock
         return self._closing and threading.get_ident() != self._owner
+
+    def _client_here(self) -> Client:  # holding _lock
+        """`client` on the run's own thread; on any other, the client those threads share."""
+        if threading.get_ident() == self._owner:
+            return self.client
+        if self._side is None:
+            self._side = self.client.twin(SIDE_TIMEOUT_S)
+        return self._side
 
     def progress(self, done: int, total: int, message: str = "") -> None:
         with self._lock:

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 
-from djinnd import Client, DjinnError, estimate, format_size, parse_shares, percentile
+from djinnd import DjinnError, estimate, format_size, parse_shares, percentile
 
 from .common import Skip, prompt_ids, vocab_of
 from .figures import figure
@@ -93,7 +93,7 @@ def run_mode(ctx, p: dict, mode: str, clients: list[dict], vocab: int, progress)
 
     def client_main(cl):
         rec = {"client": cl["client"], "qos": cl["qos"], "latency_ms": [], "tokens": [], "error": None, "end_s": None}
-        with Client(c.socket_path, timeout=CLIENT_TIMEOUT) as cc:
+        with c.twin(CLIENT_TIMEOUT) as cc:
             start.wait()
             try:
                 for think in cl["thinks_ms"]:
