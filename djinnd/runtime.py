@@ -226,18 +226,20 @@ class Runtime:
             self.sessions[s.id] = s
         self.mem.register(s)
         built = sum(x[0] * x[1] for x in r.segments)
-        patched = built == kv and any(len(x) > 2 for x in r.segments)  # its KV holds patches: redone as made
+        history = [list(x) for x in r.segments] if built == kv else [[kv, 1]] if kv else []  # the forwards of its KV
         if r.state == State.PAUSED:
-            s.replay = [list(x) for x in r.segments] if built == kv else [[kv, 1]] if kv else []
+            s.replay = history
             try:
                 self._pause_again(s, r)
             except Exception as e:  # noqa: BLE001 - it stays as the failure left it: idle, or paused elsewhere
                 log.error("session %s, paused at layer %s before the restart, is %s at %s: %s",
                           s.id, r.layer, s.state, s.layer, e)
         elif kv and self._take_back(s, r.spill, kv):
-            s.segments = [list(x) for x in r.segments] if built == kv else [[kv, 1]]
-        else:
-            s.replay = [list(x) for x in r.segments] if patched else [[kv, 1]] if kv else []
+            s.segments = history
+        elif any(len(x) > 2 for x in history):  # its KV holds patches: its forwards run again as they ran
+            s.replay = history
+        else:  # one prefill
+            s.replay = [[kv, 1]] if kv else []
         s.phase = r.phase  # (after the forward run again, which would have made it COMPUTE)
         s.restored = True
         self._event(s, "restored")
