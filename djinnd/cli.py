@@ -29,7 +29,7 @@ StateDirOpt = typer.Option(None, "--state-dir", help="the daemon's --state-dir, 
 def remote_daemon(connect: str = typer.Option(None, "--connect", metavar="URL", envvar="DJINN_CONNECT",
                                               help="talk to the daemon at tcp://HOST:PORT (its --listen) instead of a socket"),
                   server_key: str = typer.Option(None, "--server-key", metavar="KEY",
-                                                 help="that daemon's public key (default: the one `djinn keys --trust` remembered)")):
+                                                 help="that daemon's public key (default: the one `djinn keys trust` remembered)")):
     """djinn: talk to djinnd."""
     if connect:
         os.environ["DJINN_CONNECT"] = connect  # every client of this command goes there
@@ -246,7 +246,11 @@ def keys_server(socket: str = SocketOpt, state_dir: Path = StateDirOpt):
     _show_key(remote.SERVER, _keys_folder(socket, state_dir))
 
 
-@keys_app.command("authorize")
+# A Z85 key may begin with "-": taken as the KEY argument, not as an unknown option
+KEY_ARGS = {"ignore_unknown_options": True}
+
+
+@keys_app.command("authorize", context_settings=KEY_ARGS)
 def keys_authorize(key: str = typer.Argument(..., help="a client's public key (what `djinn keys` shows there)"),
                    socket: str = SocketOpt, state_dir: Path = StateDirOpt):
     """Let the client holding KEY connect over the daemon's --listen (no restart needed)."""
@@ -266,7 +270,7 @@ def keys_authorize(key: str = typer.Argument(..., help="a client's public key (w
     typer.echo(f"authorized {key} in {path}")
 
 
-@keys_app.command("trust")
+@keys_app.command("trust", context_settings=KEY_ARGS)
 def keys_trust(url: str = typer.Argument(..., help="the daemon's tcp://HOST:PORT"),
                key: str = typer.Argument(..., help="its public key (what `djinn keys server` shows there)")):
     """Remember KEY as the public key of the daemon at URL, for `djinn --connect URL`."""

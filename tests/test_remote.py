@@ -188,3 +188,15 @@ async def test_the_console_attaches_by_url_and_debugs_a_session(remote):
         assert screen.dbg.view.layer == 0
     with remote.client() as c:
         assert c.session(sid)["state"] == "paused" and c.session(sid)["layer"] == 0
+
+
+def test_a_key_that_begins_with_a_dash_is_a_key_to_the_cli_not_an_option(tmp_path, cfg):
+    """Z85 has "-": about one key in 85 begins with it (`djinn keys trust` failed on such a server key)."""
+    from djinnd.remote import read_keys, trusted
+    key = next(k for k in iter(lambda: zmq.curve_keypair()[0].decode(), None) if k.startswith("-"))
+    out = djinn("keys", "trust", "tcp://127.0.0.1:5555", key)
+    assert out.returncode == 0, out.stderr
+    assert trusted() == {"tcp://127.0.0.1:5555": key}
+    out = djinn("keys", "authorize", "--socket", str(tmp_path / "d.sock"), key)
+    assert out.returncode == 0, out.stderr
+    assert read_keys(tmp_path / "d.keys" / "authorized_keys") == {key}
